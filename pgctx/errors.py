@@ -1,0 +1,51 @@
+"""pgctx's exception types.
+
+``PoolError`` *is* ``psycopg2.pool.PoolError``, so ``except PoolError`` clauses
+written for psycopg2 keep catching everything the pools raise. Every new pool
+error subclasses it; scope errors subclass ``PgctxError``.
+"""
+
+from __future__ import annotations
+
+from pgctx._driver import psycopg2_pool
+
+PoolError = psycopg2_pool.PoolError
+
+
+class PoolTimeout(PoolError):
+    """No connection became free within the pool's ``timeout``.
+
+    The message starts with "connection pool exhausted", like psycopg2's
+    immediate error, so code matching on that text keeps working.
+    """
+
+
+class TooManyWaiters(PoolError):
+    """More callers than ``max_waiting`` are already waiting for a connection."""
+
+
+class PgctxError(Exception):
+    """Base class of the errors raised by pgctx's scopes and registry."""
+
+
+class NoActiveConnection(PgctxError, LookupError):
+    """``current_connection()`` was called where no connection is bound."""
+
+
+class ConcurrentUseError(PgctxError, RuntimeError):
+    """Two threads or tasks tried to use one bound connection at the same time."""
+
+
+class TransactionAborted(PgctxError):
+    """A nested block failed, so the outer block rolled back instead of committing."""
+
+
+__all__ = [
+    "ConcurrentUseError",
+    "NoActiveConnection",
+    "PgctxError",
+    "PoolError",
+    "PoolTimeout",
+    "TooManyWaiters",
+    "TransactionAborted",
+]
