@@ -1,0 +1,106 @@
+"""First-come-first-served hand-off of connections to waiting callers.
+
+Each waiter blocks on a lock of its own, which the pool releases after it has
+put a connection (or the right to open one) into the waiter. A connection
+returned while callers wait therefore goes straight to the oldest of them and
+cannot be taken by a caller that arrives later (no barging), and waking one
+waiter costs one lock release, not a broadcast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import threading
+from collections import deque
+from typing import Any
+
+from pgctx._driver import extensions
+
+Connection = extensions.connection
+
+
+class Waiter:
+    """A caller blocked in ``getconn`` until the pool serves it or it gives up."""
+
+    __slots__ = ("_gate", "conn", "error", "key", "may_connect")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.conn: Connection | None = None
+        self.may_connect = False  # served with a free slot: open a connection itself
+        self.error: BaseException | None = None  # served with an error (pool closed)
+        self._gate = threading.Lock()
+        self._gate.acquire()
+
+    @property
+    def served(self) -> bool:
+        return self.conn is not None or self.may_connect or self.error is not None
+
+    def wait(self, timeout: float) -> None:
+        """Block until served or until ``timeout`` seconds have passed."""
+        self._gate.acquire(timeout=timeout)
+
+    def wake(self) -> None:
+        self._gate.release()
+
+
+class WaitQueue:
+    """The waiters of one pool, oldest first. Only used under the pool's lock."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: deque[Waiter] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def __bool__(self) -> bool:
+        return bool(self._waiters)
+
+    def add(self, waiter: Waiter) -> None:
+        self._waiters.append(waiter)
+
+    def discard(self, waiter: Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+
+    def pop_oldest(self) -> Waiter:
+        return self._waiters.popleft()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Wake every waiter with ``error`` (the pool is closing)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.wake()
+
+
+def validate_timeout(value: object, name: str = "timeout") -> float | None:
+    """Check a timeout option: None, or a finite number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number of seconds or None, got {value!r} ({type(value).__name__})"
+        )
+    seconds = float(value)
+    if not (0 <= seconds < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def validate_max_waiting(value: object, timeout: float | None) -> int:
+    """Check ``max_waiting``: an int >= 0 (0: no limit), meaningful only with a timeout."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_waiting must be an int >= 0, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"max_waiting must be >= 0 (0 means no limit), got {value!r}")
+    if value and timeout is None:
+        raise ValueError(
+            f"max_waiting={value} has no effect without a timeout: pass timeout=<seconds> "
+            "so that callers wait for a connection instead of failing at once"
+        )
+    return value
