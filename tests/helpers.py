@@ -1,0 +1,46 @@
+"""Small helpers shared by the test modules: backend counting and polling."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+_counter = itertools.count()
+
+
+def unique_app(prefix: str = "pgctx-test") -> str:
+    """An application_name no other pool in this run uses, to count its backends."""
+    return f"{prefix}-{os.getpid()}-{next(_counter)}"
+
+
+def backends(admin: Any, application_name: str) -> int:
+    """Server backends currently open for ``application_name``."""
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        )
+        (count,) = cur.fetchone()
+    return int(count)
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.01
+) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def wait_backends(admin: Any, application_name: str, expected: int, timeout: float = 15.0) -> int:
+    """Wait until the backend count settles at ``expected`` (closes are asynchronous)."""
+    wait_until(lambda: backends(admin, application_name) == expected, timeout)
+    return backends(admin, application_name)
