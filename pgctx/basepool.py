@@ -28,20 +28,24 @@ _UNKNOWN = extensions.TRANSACTION_STATUS_UNKNOWN
 _UNSET: Any = object()  # "use the pool's timeout" for getconn(timeout=...)
 
 
-class AutoKey:
-    """The key of a connection taken without one: private, so never equal to a user key.
-
-    psycopg2 uses the plain ints 1, 2, 3 ..., so ``getconn(key=1)`` could
-    receive the connection another caller got from ``getconn()``.
-    """
-
-    __slots__ = ("number",)
-
-    def __init__(self, number: int) -> None:
-        self.number = number
+class _AutoKeyMark:
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"<auto key {self.number}>"
+        return "auto"
+
+
+AUTO = _AutoKeyMark()
+"""Automatic keys are ``(AUTO, n)``: private, so never equal to a user key.
+
+psycopg2 uses the plain ints 1, 2, 3 ..., so ``getconn(key=1)`` could receive
+the connection another caller got from ``getconn()``. (A tuple is the cheapest
+private key to build and hash on the checkout path.)
+"""
+
+
+def is_auto_key(key: object) -> bool:
+    return type(key) is tuple and len(key) == 2 and key[0] is AUTO
 
 
 def _close_quietly(conn: Connection) -> None:
@@ -136,9 +140,9 @@ class AbstractConnectionPool:
                 self._pool.append(conn)
         return conn
 
-    def _getkey(self) -> AutoKey:
+    def _getkey(self) -> tuple[_AutoKeyMark, int]:
         self._keys += 1
-        return AutoKey(self._keys)
+        return (AUTO, self._keys)
 
     # -- checkout -----------------------------------------------------------------
 
@@ -155,7 +159,7 @@ class AbstractConnectionPool:
                 raise PoolError("connection pool is closed")
             if key is None:
                 self._keys += 1
-                key = AutoKey(self._keys)
+                key = (AUTO, self._keys)
             else:
                 _check_hashable(key)
                 conn = self._used.get(key)
@@ -188,7 +192,7 @@ class AbstractConnectionPool:
                 f"waiting (max_waiting={self.max_waiting})"
             )
         waiter = Waiter(key)
-        self._waiters.add(waiter)
+        self._waiters.append(waiter)
         return waiter
 
     def _await_turn(self, waiter: Waiter, timeout: float | None) -> Connection:
@@ -246,17 +250,27 @@ class AbstractConnectionPool:
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
-            conn, key = self._checked_out(conn, key)
+            if key is None:  # the common case, inlined: find the key by identity
+                key = self._rused.get(id(conn))
+                if key is None or self._used.get(key) is not conn:
+                    raise PoolError("trying to put unkeyed connection")
+            else:
+                conn, key = self._checked_out(conn, key)
+            assert conn is not None
             if close or conn.closed:
                 self._forget(key, conn)
                 self._serve_waiter(None)
                 if conn.closed:  # psycopg2 drops closed connections silently
                     return
             else:
-                status = conn.info.transaction_status
+                status = conn.get_transaction_status()  # conn.info costs an allocation
                 if status == _IDLE:
-                    self._forget(key, conn)
-                    if self._serve_waiter(conn) or self._keep_idle(conn):
+                    del self._used[key]
+                    del self._rused[id(conn)]
+                    if self._waiters and self._serve_waiter(conn):
+                        return
+                    if len(self._pool) < self.minconn:
+                        self._pool.append(conn)
                         return
                 elif status == _UNKNOWN or not (
                     self._waiters or len(self._pool) < self.minconn
@@ -268,13 +282,7 @@ class AbstractConnectionPool:
         _close_quietly(conn)
 
     def _checked_out(self, conn: Connection | None, key: Any) -> tuple[Connection, Any]:
-        """Find the key of ``conn`` (or the conn of ``key``) and check they match (lock held)."""
-        if key is None:
-            key = self._rused.get(id(conn))
-            if key is None or self._used.get(key) is not conn:
-                raise PoolError("trying to put unkeyed connection")
-            assert conn is not None
-            return conn, key
+        """Check that ``conn`` is out under the explicit ``key`` (lock held)."""
         _check_hashable(key)
         held = self._used.get(key)
         if held is None:
@@ -295,7 +303,7 @@ class AbstractConnectionPool:
         """Roll back outside the lock (the slot stays taken), then return or discard."""
         try:
             conn.rollback()
-            usable = conn.info.transaction_status == _IDLE
+            usable = conn.get_transaction_status() == _IDLE
         except Exception:
             _log.warning("rollback failed on return; discarding the connection", exc_info=True)
             usable = False
@@ -328,7 +336,7 @@ class AbstractConnectionPool:
         """
         waiters = self._waiters
         while waiters:
-            waiter = waiters.pop_oldest()
+            waiter = waiters.popleft()
             existing = self._used.get(waiter.key)
             if existing is not None:  # its key was checked out meanwhile: same key, same conn
                 waiter.conn = existing

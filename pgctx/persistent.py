@@ -98,7 +98,7 @@ class PersistentConnectionPool(AbstractConnectionPool):
             self._forget(key, conn)
             reusable = (
                 not conn.closed
-                and conn.info.transaction_status == extensions.TRANSACTION_STATUS_IDLE
+                and conn.get_transaction_status() == extensions.TRANSACTION_STATUS_IDLE
             )
             # A transaction left open by a dead thread is closed, never rolled
             # back and reused: nobody can tell whether it was meant to commit.

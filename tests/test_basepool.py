@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from pgctx.basepool import AutoKey
+from pgctx.basepool import is_auto_key
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
 from pgctx.pool import SimpleConnectionPool, ThreadedConnectionPool
 from pgctx.waiting import Waiter
@@ -122,7 +122,7 @@ def test_auto_keys_are_private(dsn: str, app: str) -> None:
     pool = make(dsn, app, 0, 3)
     try:
         auto = pool.getconn()
-        assert isinstance(pool._rused[id(auto)], AutoKey)
+        assert is_auto_key(pool._rused[id(auto)])
         assert pool._keys == 1
         assert pool.getconn(1) is not auto
         assert pool.getconn(0) is not auto

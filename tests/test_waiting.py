@@ -45,9 +45,9 @@ def test_max_waiting_needs_a_timeout() -> None:
 def test_a_waiter_blocks_until_woken_and_queue_is_fifo() -> None:
     queue = WaitQueue()
     first, second = Waiter("a"), Waiter("b")
-    queue.add(first)
-    queue.add(second)
-    assert len(queue) == 2 and queue.pop_oldest() is first
+    queue.append(first)
+    queue.append(second)
+    assert len(queue) == 2 and queue.popleft() is first
     first.wait(0.01)
     assert not first.served  # timed out, nobody served it
     done = threading.Event()
@@ -68,7 +68,7 @@ def test_fail_all_wakes_everyone_with_the_error() -> None:
     queue = WaitQueue()
     waiters = [Waiter(n) for n in range(3)]
     for waiter in waiters:
-        queue.add(waiter)
+        queue.append(waiter)
     queue.discard(waiters[1])
     queue.discard(waiters[1])  # discarding twice is harmless
     error = PoolError("connection pool is closed")
