@@ -1,148 +1,35 @@
-"""The psycopg2-compatible pool core: AbstractConnectionPool and its two classic subclasses.
+"""AbstractConnectionPool: psycopg2's key-based pool, without its defects.
 
 Behaviour follows psycopg2's ``lib/pool.py`` (keys, LIFO reuse, the exact
 ``PoolError`` texts, keeping at most ``minconn`` idle connections, rollback of
-unfinished transactions on return), minus its defects: keys are checked before
-anything changes, automatic keys never collide with user keys, no connect or
-rollback runs under the lock, a failed rollback still frees the slot, closed
-idle connections are never handed out, and a failing constructor closes what
-it opened. Waiting for a connection (``timeout=``) is opt-in.
+unfinished transactions on return). This module adds the checkout path to
+``PoolCore``: automatic keys that never collide with user keys, closed idle
+connections never handed out, connects outside the lock, and the opt-in
+waiting (``timeout=``) and checkout policies (``check``, ``max_lifetime``).
+Without options the checkout is a few list and dict operations.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
-from pgctx._driver import extensions, psycopg2
-from pgctx._dsn import describe_target
+from pgctx._driver import psycopg2
+from pgctx.connecting import Backoff
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
-from pgctx.waiting import Connection, Waiter, WaitQueue, validate_max_waiting, validate_timeout
+from pgctx.poolcore import AUTO, PoolCore, _check_hashable
+from pgctx.waiting import Connection, Waiter
 
 _log = logging.getLogger("pgctx")
 
-_IDLE = extensions.TRANSACTION_STATUS_IDLE
-_UNKNOWN = extensions.TRANSACTION_STATUS_UNKNOWN
-_UNSET: Any = object()  # "use the pool's timeout" for getconn(timeout=...)
 
-
-class _AutoKeyMark:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "auto"
-
-
-AUTO = _AutoKeyMark()
-"""Automatic keys are ``(AUTO, n)``: private, so never equal to a user key.
-
-psycopg2 uses the plain ints 1, 2, 3 ..., so ``getconn(key=1)`` could receive
-the connection another caller got from ``getconn()``. (A tuple is the cheapest
-private key to build and hash on the checkout path.)
-"""
-
-
-def is_auto_key(key: object) -> bool:
-    return type(key) is tuple and len(key) == 2 and key[0] is AUTO
-
-
-def _close_quietly(conn: Connection) -> None:
-    try:
-        conn.close()
-    except Exception:  # closing a broken connection may raise; it is gone either way
-        _log.debug("error closing a connection", exc_info=True)
-
-
-def _check_hashable(key: object) -> None:
-    try:
-        hash(key)
-    except TypeError:
-        raise TypeError(
-            f"pool keys must be hashable, got {key!r} ({type(key).__name__}): "
-            "use a str, int or tuple"
-        ) from None
-
-
-class AbstractConnectionPool:
+class AbstractConnectionPool(PoolCore):
     """Generic key-based pooling code, as in psycopg2 (whose docs describe this class).
 
     Arguments after ``minconn`` and ``maxconn`` go to ``psycopg2.connect()``;
     pgctx's own options are keyword-only names libpq does not know.
     """
-
-    def __init__(
-        self,
-        minconn: Any,
-        maxconn: Any,
-        *args: Any,
-        timeout: float | None = None,
-        max_waiting: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.minconn = int(minconn)
-        self.maxconn = int(maxconn)
-        if self.minconn < 0:
-            raise ValueError(f"minconn must be >= 0, got {minconn!r}")
-        if self.maxconn < 0:
-            raise ValueError(f"maxconn must be >= 0, got {maxconn!r}")
-        if self.minconn > self.maxconn:
-            raise ValueError(
-                f"minconn ({self.minconn}) must not exceed maxconn ({self.maxconn}); "
-                "psycopg2.pool would silently make such a pool unbounded"
-            )
-        self.timeout = validate_timeout(timeout)
-        self.max_waiting = validate_max_waiting(max_waiting, self.timeout)
-        self.closed = False
-
-        self._args = args
-        self._kwargs = kwargs
-        self._pool: list[Connection] = []  # idle connections; the last returned is reused first
-        self._used: dict[Any, Connection] = {}  # key -> checked-out connection
-        self._rused: dict[int, Any] = {}  # id(conn) -> key
-        self._keys = 0  # last automatic key number
-        self._lock = threading.RLock()  # reentrant: subclasses may call _getconn under it
-        self._connecting = 0  # slots reserved by connects running outside the lock
-        self._waiters = WaitQueue()
-
-        try:
-            for _ in range(self.minconn):
-                self._pool.append(self._open())
-        except BaseException:
-            for conn in self._pool:
-                _close_quietly(conn)
-            self._pool.clear()
-            raise
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"idle={len(self._pool)} used={len(self._used)}"
-        return (
-            f"<{type(self).__name__} minconn={self.minconn} maxconn={self.maxconn} {state} "
-            f"target={describe_target(self._args, self._kwargs)!r}>"
-        )
-
-    # -- connecting ---------------------------------------------------------------
-
-    def _open(self) -> Connection:
-        """Open a new connection with the pool's connect arguments (never under the lock)."""
-        conn: Connection = psycopg2.connect(*self._args, **self._kwargs)
-        return conn
-
-    def _connect(self, key: Any = None) -> Connection:
-        """Open a connection and register it under ``key`` (or make it idle), as psycopg2 does."""
-        conn = self._open()
-        with self._lock:
-            if key is not None:
-                self._used[key] = conn
-                self._rused[id(conn)] = key
-            else:
-                self._pool.append(conn)
-        return conn
-
-    def _getkey(self) -> tuple[_AutoKeyMark, int]:
-        self._keys += 1
-        return (AUTO, self._keys)
 
     # -- checkout -----------------------------------------------------------------
 
@@ -157,6 +44,7 @@ class AbstractConnectionPool:
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
+            self._stats.requests_num += 1
             if key is None:
                 self._keys += 1
                 key = (AUTO, self._keys)
@@ -165,63 +53,146 @@ class AbstractConnectionPool:
                 conn = self._used.get(key)
                 if conn is not None:
                     return conn
-            idle = self._pool
-            while idle:
-                conn = idle.pop()
-                if conn.closed:  # closed while idle: psycopg2 would hand it out
-                    continue
-                self._used[key] = conn
-                self._rused[id(conn)] = key
-                return conn
-            if len(self._used) + self._connecting < self.maxconn:
-                self._connecting += 1
-                waiter = None
-            else:
-                waiter = self._enqueue(key, timeout)
-        if waiter is not None:
-            return self._await_turn(waiter, timeout)
-        return self._connect_reserved(key)
+            if self._life is None:  # the psycopg2-compatible fast path
+                idle = self._pool
+                while idle:
+                    conn = idle.pop()
+                    if not conn.closed:  # closed while idle: psycopg2 would hand it out
+                        self._used[key] = conn
+                        self._rused[id(conn)] = key
+                        return conn
+                    self._stats.connections_lost += 1
+        return self._acquire(key, timeout)
 
-    def _enqueue(self, key: Any, timeout: float | None) -> Waiter:
+    def _acquire(self, key: Any, timeout: float | None) -> Connection:
+        """Take an idle connection under the policies, open one, or wait for one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        life = self._life
+        while True:
+            stale: list[Connection] = []
+            waiter = None
+            must_check = False
+            with self._lock:
+                if self.closed:
+                    raise PoolError("connection pool is closed")
+                conn = self._used.get(key)  # a caller with the same key got there first
+                if conn is not None:
+                    return conn
+                conn = self._pop_idle(stale)
+                if conn is not None:
+                    self._used[key] = conn
+                    self._rused[id(conn)] = key
+                    must_check = life is not None and life.taken(conn, time.monotonic())
+                elif len(self._used) + self._connecting < self.maxconn:
+                    self._connecting += 1
+                else:
+                    waiter = self._enqueue(key, deadline)
+            for old in stale:
+                self._close(old)
+            if waiter is not None:
+                conn = self._await_turn(waiter, timeout, deadline)
+                if conn is None:
+                    return self._connect_reserved(key, timeout, deadline)
+                must_check = waiter.must_check
+            elif conn is None:
+                return self._connect_reserved(key, timeout, deadline)
+            if not must_check or (life is not None and life.passes_check(conn)):
+                return conn
+            self._drop_taken(key, conn)  # failed its check: try another within the deadline
+
+    def _pop_idle(self, stale: list[Connection]) -> Connection | None:
+        """Pop the most recently returned usable idle connection (lock held)."""
+        idle, life = self._pool, self._life
+        now = time.monotonic() if life is not None else 0.0
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                self._stats.connections_lost += 1
+            elif life is not None and life.expired(conn, now):
+                self._stats.connections_recycled += 1
+                stale.append(conn)
+            else:
+                return conn
+        return None
+
+    def _drop_taken(self, key: Any, conn: Connection) -> None:
+        """Discard a checked-out connection found broken, freeing its slot."""
+        with self._lock:
+            if self._used.get(key) is conn:
+                self._forget(key, conn)
+                self._serve_waiter(None)
+            self._stats.connections_lost += 1
+        self._close(conn)
+
+    def _enqueue(self, key: Any, deadline: float | None) -> Waiter:
         """Queue a caller for a connection, or refuse it (lock held)."""
-        if timeout is None:
+        if deadline is None:
             raise PoolError("connection pool exhausted")
         if self.max_waiting and len(self._waiters) >= self.max_waiting:
+            self._stats.requests_errors += 1
             raise TooManyWaiters(
                 f"connection pool exhausted: {len(self._waiters)} callers are already "
                 f"waiting (max_waiting={self.max_waiting})"
             )
+        self._stats.requests_queued += 1
         waiter = Waiter(key)
         self._waiters.append(waiter)
         return waiter
 
-    def _await_turn(self, waiter: Waiter, timeout: float | None) -> Connection:
-        assert timeout is not None
+    def _await_turn(
+        self, waiter: Waiter, timeout: float | None, deadline: float | None
+    ) -> Connection | None:
+        """Wait to be served: a connection, or None for a slot to connect in."""
+        assert deadline is not None
         started = time.monotonic()
-        waiter.wait(timeout)
+        waiter.wait(deadline - started)
         with self._lock:
+            waited = time.monotonic() - started
+            self._stats.requests_wait_ms += waited * 1000
             if not waiter.served:  # timed out; served-just-in-time waiters keep what they got
                 self._waiters.discard(waiter)
-                waited = time.monotonic() - started
+                self._stats.requests_timeouts += 1
                 raise PoolTimeout(
                     f"connection pool exhausted: no connection became free within "
                     f"{waited:.3g} s (timeout={timeout:g}, maxconn={self.maxconn})"
                 )
+            if waiter.conn is not None and self._life is not None:
+                waiter.must_check = self._life.taken(waiter.conn, time.monotonic())
         if waiter.error is not None:
             raise waiter.error
-        if waiter.conn is not None:
-            return waiter.conn
-        return self._connect_reserved(waiter.key)
+        return waiter.conn
 
-    def _connect_reserved(self, key: Any) -> Connection:
-        """Open a connection for a slot reserved under the lock, and register it."""
-        try:
-            conn = self._open()
-        except BaseException:
-            with self._lock:
-                self._connecting -= 1
-                self._serve_waiter(None)
-            raise
+    def _connect_reserved(
+        self, key: Any, timeout: float | None, deadline: float | None
+    ) -> Connection:
+        """Open a connection for a slot reserved under the lock, and register it.
+
+        Without a deadline a failed connect raises at once, as in psycopg2; with
+        one, it is retried with jittered exponential backoff until the deadline.
+        """
+        backoff = None
+        while True:
+            try:
+                conn = self._open()
+                break
+            except psycopg2.OperationalError as exc:
+                if deadline is not None and not self.closed:
+                    backoff = backoff or Backoff()
+                    if backoff.pause(deadline):
+                        continue
+                self._release_slot()
+                if deadline is None or self.closed:
+                    raise
+                with self._lock:
+                    self._stats.requests_timeouts += 1
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "?"
+                raise PoolTimeout(
+                    f"connection pool exhausted: could not connect within {timeout:g} s "
+                    f"(last error: {first_line})"
+                ) from exc
+            except BaseException:
+                self._release_slot()
+                raise
         with self._lock:
             self._connecting -= 1
             closed = self.closed
@@ -229,182 +200,58 @@ class AbstractConnectionPool:
             if existing is None and not closed:
                 self._used[key] = conn
                 self._rused[id(conn)] = key
+                if self._life is not None:
+                    self._life.taken_new(conn, time.monotonic())
                 return conn
             # another caller opened one for this key meanwhile: keep ours for later
-            if existing is not None and (self._serve_waiter(conn) or self._keep_idle(conn)):
+            if existing is not None and self._give_back(conn):
                 return existing
-        _close_quietly(conn)
+        self._close(conn)
         if closed:
             raise PoolError("connection pool is closed")
         assert existing is not None
         return existing
 
-    # -- return -------------------------------------------------------------------
-
-    def putconn(self, conn: Connection | None = None, key: Any = None, close: bool = False) -> None:
-        """Put a connection back; close it instead if ``close`` is true.
-
-        An unfinished transaction is rolled back first. Connections beyond
-        ``minconn`` idle ones are closed, as in psycopg2.
-        """
+    def _maintain(self) -> None:
+        """Recycle stale idle connections, report leaks, refill to ``minconn``."""
+        now = time.monotonic()
+        stale: list[Connection] = []
+        reports: list[tuple[float, str]] = []
         with self._lock:
             if self.closed:
-                raise PoolError("connection pool is closed")
-            if key is None:  # the common case, inlined: find the key by identity
-                key = self._rused.get(id(conn))
-                if key is None or self._used.get(key) is not conn:
-                    raise PoolError("trying to put unkeyed connection")
-            else:
-                conn, key = self._checked_out(conn, key)
-            assert conn is not None
-            if close or conn.closed:
-                self._forget(key, conn)
-                self._serve_waiter(None)
-                if conn.closed:  # psycopg2 drops closed connections silently
-                    return
-            else:
-                status = conn.get_transaction_status()  # conn.info costs an allocation
-                if status == _IDLE:
-                    del self._used[key]
-                    del self._rused[id(conn)]
-                    if self._waiters and self._serve_waiter(conn):
-                        return
-                    if len(self._pool) < self.minconn:
-                        self._pool.append(conn)
-                        return
-                elif status == _UNKNOWN or not (
-                    self._waiters or len(self._pool) < self.minconn
-                ):  # it would be closed anyway: psycopg2 skips the rollback too
-                    self._forget(key, conn)
-                    self._serve_waiter(None)
-                else:
-                    return self._rollback_and_return(conn, key)
-        _close_quietly(conn)
-
-    def _checked_out(self, conn: Connection | None, key: Any) -> tuple[Connection, Any]:
-        """Check that ``conn`` is out under the explicit ``key`` (lock held)."""
-        _check_hashable(key)
-        held = self._used.get(key)
-        if held is None:
-            raise PoolError(
-                f"no connection is checked out under key {key!r}: pass the key given to "
-                "getconn(), or no key at all"
+                return
+            if self._life is not None:
+                stale = self._life.stale_idle(self._pool, self.minconn, now)
+                reports = self._life.overdue(self._used, now)
+                self._stats.connections_recycled += len(stale)
+                self._stats.leaks_reported += len(reports)
+            missing = self.minconn - len(self._pool) - len(self._used) - self._connecting
+            missing = max(0, missing)
+            self._connecting += missing
+        for conn in stale:
+            self._close(conn)
+        for age, stack in reports:
+            _log.warning(
+                "connection checked out %.1f s ago and not returned yet (leak_timeout); "
+                "it was taken at:\n%s",
+                age,
+                stack,
             )
-        if conn is None:
-            return held, key
-        if held is not conn:
-            raise PoolError(
-                f"the connection put back is not the one checked out under key {key!r}: "
-                "pass the key given to getconn() for this connection, or no key at all"
-            )
-        return conn, key
-
-    def _rollback_and_return(self, conn: Connection, key: Any) -> None:
-        """Roll back outside the lock (the slot stays taken), then return or discard."""
-        try:
-            conn.rollback()
-            usable = conn.get_transaction_status() == _IDLE
-        except Exception:
-            _log.warning("rollback failed on return; discarding the connection", exc_info=True)
-            usable = False
-        with self._lock:
-            if self.closed or self._used.get(key) is not conn:
-                # closeall() ran meanwhile, or a concurrent second putconn won
-                usable = False
-            else:
-                self._forget(key, conn)
-                if usable and (self._serve_waiter(conn) or self._keep_idle(conn)):
-                    return
-                self._serve_waiter(None)
-        _close_quietly(conn)
-
-    def _forget(self, key: Any, conn: Connection) -> None:
-        del self._used[key]
-        del self._rused[id(conn)]
-
-    def _keep_idle(self, conn: Connection) -> bool:
-        """Keep ``conn`` as idle if the pool holds fewer than ``minconn`` (lock held)."""
-        if len(self._pool) < self.minconn:
-            self._pool.append(conn)
-            return True
-        return False
-
-    def _serve_waiter(self, conn: Connection | None) -> bool:
-        """Give ``conn`` (or, if None, a free slot) to the oldest waiter (lock held).
-
-        Returns whether a waiter took it.
-        """
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            existing = self._used.get(waiter.key)
-            if existing is not None:  # its key was checked out meanwhile: same key, same conn
-                waiter.conn = existing
-                waiter.wake()
-                continue
-            if conn is None:
-                self._connecting += 1
-                waiter.may_connect = True
-            else:
-                self._used[waiter.key] = conn
-                self._rused[id(conn)] = waiter.key
-                waiter.conn = conn
-            waiter.wake()
-            return True
-        return False
-
-    # -- closing ------------------------------------------------------------------
-
-    def closeall(self) -> None:
-        """Close every connection, including those checked out; the pool is then closed."""
-        with self._lock:
-            if self.closed:
-                raise PoolError("connection pool is closed")
-            conns = self._pool + list(self._used.values())
-            self.closed = True
-            self._waiters.fail_all(PoolError("connection pool is closed"))
-        for conn in conns:
-            _close_quietly(conn)
+        for done in range(missing):
+            try:
+                conn = self._open()
+            except Exception:
+                _log.info("could not refill the pool to minconn; will retry", exc_info=True)
+                for _ in range(missing - done):
+                    self._release_slot()
+                return
+            with self._lock:
+                self._connecting -= 1
+                kept = not self.closed and self._give_back(conn)
+            if not kept:
+                self._close(conn)
 
     # psycopg2's unlocked implementations, which subclasses in the wild call or override.
     _getconn = getconn
-    _putconn = putconn
-    _closeall = closeall
-
-
-class SimpleConnectionPool(AbstractConnectionPool):
-    """A connection pool that can't be shared across different threads."""
-
-    def __init__(self, minconn: Any, maxconn: Any, *args: Any, **kwargs: Any) -> None:
-        if "timeout" in kwargs or "max_waiting" in kwargs:
-            raise TypeError(
-                "SimpleConnectionPool cannot wait for a connection (no other thread can "
-                "return one): use ThreadedConnectionPool(..., timeout=seconds)"
-            )
-        super().__init__(minconn, maxconn, *args, **kwargs)
-
-    def putconn(self, conn: Connection, key: Any = None, close: bool = False) -> None:  # type: ignore[override]
-        """Put away a connection."""
-        super().putconn(conn, key, close)
-
-
-class ThreadedConnectionPool(AbstractConnectionPool):
-    """A connection pool that works with the threading module.
-
-    With ``timeout=seconds`` a caller waits (first come, first served) for a
-    returned connection instead of getting "connection pool exhausted" at once.
-    """
-
-    def getconn(self, key: Any = None, *, timeout: float | None = _UNSET) -> Connection:
-        """Get a free connection, waiting up to ``timeout`` seconds if the pool allows it."""
-        if timeout is _UNSET:
-            return self._checkout(key, self.timeout)
-        return self._checkout(key, validate_timeout(timeout))
-
-
-__all__ = [
-    "AbstractConnectionPool",
-    "PoolError",
-    "SimpleConnectionPool",
-    "ThreadedConnectionPool",
-]
+    _putconn = PoolCore.putconn
+    _closeall = PoolCore.closeall

@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from pgctx._driver import extensions
-from pgctx.basepool import AbstractConnectionPool, _close_quietly
+from pgctx.basepool import AbstractConnectionPool
 from pgctx.errors import PoolError
 from pgctx.waiting import Connection
 
@@ -102,10 +102,10 @@ class PersistentConnectionPool(AbstractConnectionPool):
             )
             # A transaction left open by a dead thread is closed, never rolled
             # back and reused: nobody can tell whether it was meant to commit.
-            if reusable and (self._serve_waiter(conn) or self._keep_idle(conn)):
+            if reusable and self._give_back(conn):
                 return
             self._serve_waiter(None)
-        _close_quietly(conn)
+        self._close(conn)
 
     _getconn = getconn  # type: ignore[assignment]
     _putconn = putconn  # type: ignore[assignment]

@@ -5,24 +5,43 @@
 
 from __future__ import annotations
 
-from pgctx import basepool, persistent
+from typing import Any
+
+from pgctx.basepool import AbstractConnectionPool
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
+from pgctx.persistent import PersistentConnectionPool
+from pgctx.poolcore import _UNSET
+from pgctx.waiting import Connection, validate_timeout
 
 
-class AbstractConnectionPool(basepool.AbstractConnectionPool):
-    __doc__ = basepool.AbstractConnectionPool.__doc__
+class SimpleConnectionPool(AbstractConnectionPool):
+    """A connection pool that can't be shared across different threads."""
+
+    def __init__(self, minconn: Any, maxconn: Any, *args: Any, **kwargs: Any) -> None:
+        if "timeout" in kwargs or "max_waiting" in kwargs:
+            raise TypeError(
+                "SimpleConnectionPool cannot wait for a connection (no other thread can "
+                "return one): use ThreadedConnectionPool(..., timeout=seconds)"
+            )
+        super().__init__(minconn, maxconn, *args, **kwargs)
+
+    def putconn(self, conn: Connection, key: Any = None, close: bool = False) -> None:  # type: ignore[override]
+        """Put away a connection."""
+        super().putconn(conn, key, close)
 
 
-class SimpleConnectionPool(basepool.SimpleConnectionPool):
-    __doc__ = basepool.SimpleConnectionPool.__doc__
+class ThreadedConnectionPool(AbstractConnectionPool):
+    """A connection pool that works with the threading module.
 
+    With ``timeout=seconds`` a caller waits (first come, first served) for a
+    returned connection instead of getting "connection pool exhausted" at once.
+    """
 
-class ThreadedConnectionPool(basepool.ThreadedConnectionPool):
-    __doc__ = basepool.ThreadedConnectionPool.__doc__
-
-
-class PersistentConnectionPool(persistent.PersistentConnectionPool):
-    __doc__ = persistent.PersistentConnectionPool.__doc__
+    def getconn(self, key: Any = None, *, timeout: float | None = _UNSET) -> Connection:
+        """Get a free connection, waiting up to ``timeout`` seconds if the pool allows it."""
+        if timeout is _UNSET:
+            return self._checkout(key, self.timeout)
+        return self._checkout(key, validate_timeout(timeout))
 
 
 __all__ = [

@@ -24,13 +24,14 @@ Connection = extensions.connection
 class Waiter:
     """A caller blocked in ``getconn`` until the pool serves it or it gives up."""
 
-    __slots__ = ("_gate", "conn", "error", "key", "may_connect")
+    __slots__ = ("_gate", "conn", "error", "key", "may_connect", "must_check")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.conn: Connection | None = None
         self.may_connect = False  # served with a free slot: open a connection itself
         self.error: BaseException | None = None  # served with an error (pool closed)
+        self.must_check = False  # the connection handed over needs the pool's check
         self._gate = threading.Lock()
         self._gate.acquire()
 

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from pgctx.basepool import is_auto_key
+from pgctx.poolcore import is_auto_key
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
 from pgctx.pool import SimpleConnectionPool, ThreadedConnectionPool
 from pgctx.waiting import Waiter
@@ -289,7 +289,8 @@ def test_a_failed_connect_passes_the_slot_on(dsn: str, app: str, mocker: Any) ->
                 errors.append(exc)
 
         real_open = pool._open
-        calls = iter([psycopg2.OperationalError("simulated connect failure")])
+        # not an OperationalError: that would be retried until the deadline
+        calls = iter([psycopg2.ProgrammingError("simulated connect failure")])
 
         def open_once_failing() -> Any:
             error = next(calls, None)

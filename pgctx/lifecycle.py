@@ -1,0 +1,205 @@
+"""The opt-in per-connection policies of a pool and the bookkeeping they need.
+
+``check`` on checkout, ``configure`` on connect, ``reset`` on return,
+``max_lifetime`` and ``max_idle`` for recycling, ``leak_timeout`` for leak
+reports. A pool without any of them has no ``Lifecycle`` at all, so its hot
+path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from pgctx.waiting import Connection, validate_timeout
+
+_log = logging.getLogger("pgctx")
+
+ConnectionHook = Callable[[Connection], object]
+LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
+
+
+class ConnInfo:
+    """What the pool remembers about one of its connections."""
+
+    __slots__ = ("expires", "idle_since", "reported", "taken_at", "taken_from")
+
+    def __init__(self, now: float, expires: float) -> None:
+        self.expires = expires
+        self.idle_since = now
+        self.taken_at = 0.0
+        self.taken_from: list[traceback.FrameSummary] | None = None  # strings, no frames
+        self.reported = False
+
+
+def _hook(value: object, name: str) -> ConnectionHook | None:
+    if value is None or callable(value):
+        return value
+    raise TypeError(
+        f"{name} must be a callable taking the connection, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _seconds(value: object, name: str) -> float | None:
+    seconds = validate_timeout(value, name)
+    if seconds == 0:
+        raise ValueError(f"{name} must be > 0 seconds (or None to disable it), got {value!r}")
+    return seconds
+
+
+class Lifecycle:
+    """Runs a pool's connection hooks and tracks ages, idle times and borrowers."""
+
+    def __init__(
+        self,
+        *,
+        check: object = None,
+        check_after_idle: object = None,
+        max_lifetime: object = None,
+        max_idle: object = None,
+        reset: object = None,
+        configure: object = None,
+        leak_timeout: object = None,
+    ) -> None:
+        self.check = _hook(check, "check")
+        self.reset = _hook(reset, "reset")
+        self.configure = _hook(configure, "configure")
+        self.check_after_idle = validate_timeout(check_after_idle, "check_after_idle")
+        if self.check_after_idle is not None and self.check is None:
+            raise ValueError(
+                "check_after_idle has no effect without check: pass "
+                "check=pgctx.check_connection (or your own callable)"
+            )
+        self.max_lifetime = _seconds(max_lifetime, "max_lifetime")
+        self.max_idle = _seconds(max_idle, "max_idle")
+        self.leak_timeout = _seconds(leak_timeout, "leak_timeout")
+        self.info: dict[int, ConnInfo] = {}  # id(conn) -> info, for connections of the pool
+
+    @property
+    def needs_maintenance(self) -> bool:
+        """Whether something must happen while the pool is not being called."""
+        return bool(self.max_idle or self.max_lifetime or self.leak_timeout)
+
+    @property
+    def maintenance_interval(self) -> float:
+        periods = [p for p in (self.max_idle, self.max_lifetime, self.leak_timeout) if p]
+        return min(5.0, max(0.05, min(periods) / 4)) if periods else 5.0
+
+    # -- connect / close -----------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        """Configure a new connection (raising if that fails) and start tracking it."""
+        if self.configure is not None:
+            self.configure(conn)
+        now = time.monotonic()
+        expires = float("inf")
+        if self.max_lifetime is not None:
+            expires = now + self.max_lifetime * (1 - random.uniform(0, LIFETIME_JITTER))
+        self.info[id(conn)] = ConnInfo(now, expires)
+
+    def forget(self, conn: Connection) -> None:
+        """Stop tracking a connection that leaves the pool for good."""
+        self.info.pop(id(conn), None)
+
+    def expired(self, conn: Connection, now: float) -> bool:
+        info = self.info.get(id(conn))
+        return info is not None and now >= info.expires
+
+    # -- checkout / return ---------------------------------------------------------
+
+    def taken(self, conn: Connection, now: float) -> bool:
+        """Note a checkout from the idle list; return whether ``check`` must run on it."""
+        info = self.info.get(id(conn))
+        if info is None:
+            return self.check is not None
+        if self.leak_timeout is not None:
+            info.taken_at = now
+            info.taken_from = traceback.extract_stack()[:-3]  # without pgctx's own frames
+            info.reported = False
+        if self.check is None:
+            return False
+        after = self.check_after_idle
+        return after is None or now - info.idle_since >= after
+
+    def taken_new(self, conn: Connection, now: float) -> None:
+        """Note the checkout of a connection opened for the caller (never checked)."""
+        if self.leak_timeout is not None:
+            info = self.info.get(id(conn))
+            if info is not None:
+                info.taken_at = now
+                info.taken_from = traceback.extract_stack()[:-3]
+
+    def passes_check(self, conn: Connection) -> bool:
+        assert self.check is not None
+        try:
+            self.check(conn)
+            return True
+        except Exception:
+            _log.info("connection failed its check on checkout; discarding it", exc_info=True)
+            return False
+
+    def returned(self, conn: Connection, now: float) -> None:
+        """Note a connection coming back idle; report the return of a reported leak."""
+        info = self.info.get(id(conn))
+        if info is None:
+            return
+        info.idle_since = now
+        if info.reported:
+            _log.warning(
+                "connection reported as leaked came back after %.1f s", now - info.taken_at
+            )
+            info.reported = False
+
+    def cleans_up(self, conn: Connection) -> bool:
+        """Run ``reset`` on a returned connection; False (logged) if it failed."""
+        if self.reset is None:
+            return True
+        try:
+            self.reset(conn)
+            return True
+        except Exception:
+            _log.warning("reset failed on return; discarding the connection", exc_info=True)
+            return False
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def stale_idle(self, idle: list[Connection], keep: int, now: float) -> list[Connection]:
+        """Remove from ``idle`` the connections past their lifetime or ``max_idle``.
+
+        Idle-time closing never goes below ``keep`` connections; lifetime
+        closing does (the pool refills to ``minconn`` with new ones).
+        """
+        stale = []
+        for conn in list(idle):  # oldest first: the list is used LIFO from the end
+            info = self.info.get(id(conn))
+            if info is None:
+                continue
+            too_old = now >= info.expires
+            too_idle = (
+                self.max_idle is not None
+                and now - info.idle_since >= self.max_idle
+                and len(idle) > keep
+            )
+            if too_old or too_idle:
+                idle.remove(conn)
+                stale.append(conn)
+        return stale
+
+    def overdue(self, used: dict[Any, Connection], now: float) -> list[tuple[float, str]]:
+        """Mark borrowed connections out longer than ``leak_timeout``; return new reports."""
+        if self.leak_timeout is None:
+            return []
+        reports = []
+        for conn in used.values():
+            info = self.info.get(id(conn))
+            if info is None or info.reported or not info.taken_at:
+                continue
+            if now - info.taken_at >= self.leak_timeout:
+                info.reported = True
+                stack = "".join(traceback.format_list(info.taken_from or []))
+                reports.append((now - info.taken_at, stack))
+        return reports
