@@ -9,6 +9,7 @@ path pays nothing for them.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import traceback
@@ -18,6 +19,7 @@ from typing import Any
 from pgctx.waiting import Connection, validate_timeout
 
 _log = logging.getLogger("pgctx")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 ConnectionHook = Callable[[Connection], object]
 LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
@@ -34,6 +36,11 @@ class ConnInfo:
         self.taken_at = 0.0
         self.taken_from: list[traceback.FrameSummary] | None = None  # strings, no frames
         self.reported = False
+
+
+def _callers_stack() -> list[traceback.FrameSummary]:
+    """The stack of the code taking a connection, without pgctx's own frames."""
+    return [f for f in traceback.extract_stack() if not f.filename.startswith(_PACKAGE_DIR)]
 
 
 def _hook(value: object, name: str) -> ConnectionHook | None:
@@ -118,7 +125,7 @@ class Lifecycle:
             return self.check is not None
         if self.leak_timeout is not None:
             info.taken_at = now
-            info.taken_from = traceback.extract_stack()[:-3]  # without pgctx's own frames
+            info.taken_from = _callers_stack()
             info.reported = False
         if self.check is None:
             return False
@@ -131,7 +138,7 @@ class Lifecycle:
             info = self.info.get(id(conn))
             if info is not None:
                 info.taken_at = now
-                info.taken_from = traceback.extract_stack()[:-3]
+                info.taken_from = _callers_stack()
 
     def passes_check(self, conn: Connection) -> bool:
         assert self.check is not None
