@@ -206,6 +206,8 @@ class PoolCore:
             else:
                 conn, key = self._checked_out(conn, key)
             assert conn is not None
+            if life is not None:
+                life.returned(conn, time.monotonic())  # also reports a leak coming back
             if close or conn.closed:
                 self._forget(key, conn)
                 self._serve_waiter(None)

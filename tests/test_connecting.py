@@ -1,0 +1,53 @@
+"""Connect defaults for bounded waits, and the reconnect backoff."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pgctx.connecting import BACKOFF_FIRST, BACKOFF_MAX, Backoff, bounded_wait_defaults
+from pgctx.pool import ThreadedConnectionPool
+from tests.helpers import unique_app
+
+
+def test_defaults_fill_only_what_the_user_left_unset() -> None:
+    kwargs = bounded_wait_defaults(("host=db connect_timeout=7",), {"keepalives_idle": 99}, 3.5)
+    assert "connect_timeout" not in kwargs  # set in the DSN: libpq's value stands
+    assert kwargs["keepalives_idle"] == 99
+    assert kwargs["keepalives"] == 1 and kwargs["tcp_user_timeout"] == 5000
+    uri = bounded_wait_defaults(("postgresql://db/app?tcp_user_timeout=100",), {}, 30)
+    assert "tcp_user_timeout" not in uri and uri["connect_timeout"] == 30
+
+
+def test_connect_timeout_is_at_least_libpqs_minimum() -> None:
+    assert bounded_wait_defaults((), {}, 0.1)["connect_timeout"] == 2
+
+
+def test_a_bad_dsn_is_left_for_psycopg2_to_report() -> None:
+    assert bounded_wait_defaults(("this is not a dsn",), {"a": 1}, 5) == {"a": 1}
+
+
+def test_the_pool_connects_with_the_defaults_only_when_waiting(dsn: str) -> None:
+    waiting = ThreadedConnectionPool(0, 1, dsn, application_name=unique_app(), timeout=4)
+    plain = ThreadedConnectionPool(0, 1, dsn, application_name=unique_app())
+    try:
+        conn = waiting.getconn()
+        params = conn.get_dsn_parameters()
+        assert params.get("connect_timeout") == "4" and params.get("keepalives") == "1"
+        assert "connect_timeout" not in plain.getconn().get_dsn_parameters()
+    finally:
+        waiting.closeall()
+        plain.closeall()
+
+
+def test_backoff_grows_and_respects_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "sleep", pauses.append)
+    backoff = Backoff()
+    for _ in range(10):
+        assert backoff.pause(time.monotonic() + 3600)
+    assert BACKOFF_FIRST * 0.5 <= pauses[0] <= BACKOFF_FIRST * 1.5
+    assert pauses[3] > pauses[0]
+    assert max(pauses) <= BACKOFF_MAX * 1.5
+    assert not Backoff().pause(time.monotonic() - 1)  # no time left: no pause
