@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pgctx._driver import psycopg2  # noqa: F401  (psycopg2.pool exposes it too; tests patch it)
 from pgctx.basepool import AbstractConnectionPool
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
 from pgctx.persistent import PersistentConnectionPool
