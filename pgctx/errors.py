@@ -32,6 +32,14 @@ class NoActiveConnection(PgctxError, LookupError):
     """``current_connection()`` was called where no connection is bound."""
 
 
+class NoDefaultPool(NoActiveConnection):
+    """``pool`` was omitted but no default pool was set."""
+
+
+class ScopeError(PgctxError, RuntimeError):
+    """A scope object was misused (entered twice, exited without entering...)."""
+
+
 class ConcurrentUseError(PgctxError, RuntimeError):
     """Two threads or tasks tried to use one bound connection at the same time."""
 
@@ -43,9 +51,11 @@ class TransactionAborted(PgctxError):
 __all__ = [
     "ConcurrentUseError",
     "NoActiveConnection",
+    "NoDefaultPool",
     "PgctxError",
     "PoolError",
     "PoolTimeout",
+    "ScopeError",
     "TooManyWaiters",
     "TransactionAborted",
 ]

@@ -1,18 +1,25 @@
 """Connection pooling for psycopg2: a drop-in for the ``psycopg2.pool`` module.
 
-``import pgctx.pool as pool`` replaces ``import psycopg2.pool as pool``.
+``import pgctx.pool as pool`` replaces ``import psycopg2.pool as pool``. The
+classes here add ``connection()`` and ``scope()`` (``pgctx.scope``) to the pool
+machinery of ``pgctx.basepool`` and ``pgctx.persistent``; this module sits on
+top of the scope layer so that those stay independent of it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pgctx import basepool, persistent
 from pgctx._driver import psycopg2  # noqa: F401  (psycopg2.pool exposes it too; tests patch it)
-from pgctx.basepool import AbstractConnectionPool
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
-from pgctx.persistent import PersistentConnectionPool
 from pgctx.poolcore import _UNSET
+from pgctx.scope import ConnectionScopesMixin
 from pgctx.waiting import Connection, validate_timeout
+
+
+class AbstractConnectionPool(ConnectionScopesMixin, basepool.AbstractConnectionPool):
+    __doc__ = basepool.AbstractConnectionPool.__doc__
 
 
 class SimpleConnectionPool(AbstractConnectionPool):
@@ -43,6 +50,10 @@ class ThreadedConnectionPool(AbstractConnectionPool):
         if timeout is _UNSET:
             return self._checkout(key, self.timeout)
         return self._checkout(key, validate_timeout(timeout))
+
+
+class PersistentConnectionPool(persistent.PersistentConnectionPool, AbstractConnectionPool):
+    __doc__ = persistent.PersistentConnectionPool.__doc__
 
 
 __all__ = [

@@ -10,9 +10,9 @@ from typing import Any
 import psycopg2
 import pytest
 
-from pgctx.poolcore import is_auto_key
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
 from pgctx.pool import SimpleConnectionPool, ThreadedConnectionPool
+from pgctx.poolcore import is_auto_key
 from pgctx.waiting import Waiter
 from tests.helpers import backends, unique_app, wait_backends, wait_until
 

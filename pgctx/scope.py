@@ -1,0 +1,421 @@
+"""The with-block: ``with pool.connection(key) as conn:`` and ``with pool.scope():``.
+
+The outermost block for a pool and key checks a connection out and binds it;
+nested blocks (in the same thread or task, or after a strict hand-off) join it.
+When the last block leaves, the unit of work ends:
+
+- clean exit: commit (nothing in autocommit); but if an error escaped a joined
+  block, or the transaction is in error, roll back and raise
+  ``TransactionAborted`` rather than let ``commit()`` silently roll back;
+- exception: roll back (only if a transaction is open) and return the connection;
+- broken connection, disconnect error, failed rollback, or ``close_on_error``:
+  close it instead of returning it.
+
+The connection is always put away before any error from commit or rollback is
+raised, and such errors never replace the body's exception (they are attached
+to it as a note). This module is the hot path: small classes with __slots__.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+from pgctx.errors import ScopeError, TransactionAborted
+from pgctx.health import add_note, end_transaction, roll_back_for_return
+from pgctx.registry import (
+    Binding,
+    Handle,
+    current_owner,
+    generator_frame,
+    get_mapping,
+    hashable_key,
+    resolve,
+    restore_mapping,
+    set_mapping,
+)
+
+__all__ = ["ConnectionScope", "ConnectionScopesMixin", "RequestScope", "ScopeError"]
+
+_OPENER, _JOINED, _HANDOFF = 0, 1, 2
+_OPEN = object()  # _join() found nothing to join: check a connection out
+_SCOPE = ("pgctx", "request-scope")  # mapping key marker for pool.scope() holders
+
+# id(conn) -> binding, for every connection a block holds: a pool that hands out a
+# connection some block still holds (a PersistentConnectionPool used with two keys)
+# is refused instead of silently sharing one transaction.
+_live: dict[int, Binding] = {}
+
+
+def _return_unclaimed(pool: Any) -> Callable[[Any], None]:
+    """A done-callback putting back a connection whose waiter was cancelled."""
+
+    def give_back(future: Any) -> None:
+        if not future.cancelled() and future.exception() is None:
+            pool.putconn(future.result())
+
+    return give_back
+
+
+class ConnectionScope:
+    """``with pool.connection(key) as conn:``; fresh per use, entered once."""
+
+    __slots__ = (
+        "_binding",
+        "_close_on_error",
+        "_frame",
+        "_handle",
+        "_key",
+        "_new",
+        "_owner",
+        "_pool",
+        "_prev",
+        "_role",
+        "_separate",
+        "_slot",
+        "_state",
+    )
+
+    def __init__(
+        self, pool: Any, key: Any = None, *, close_on_error: bool = False, separate: bool = False
+    ) -> None:
+        self._pool = pool
+        self._key = key
+        self._close_on_error = close_on_error
+        self._separate = separate
+        self._state = 0
+        self._new: Any = None
+        self._handle: Handle | None = None
+        self._slot: _Slot | None = None
+
+    def __repr__(self) -> str:
+        return f"<ConnectionScope pool={self._pool!r} key={self._key!r}>"
+
+    def __enter__(self) -> Any:
+        conn = self._join(generator_frame(1))
+        if conn is _OPEN:
+            conn = self._open(self._checkout())
+        return conn
+
+    async def __aenter__(self) -> Any:
+        """Like ``__enter__``, but waits for a free connection off the event loop.
+
+        A blocking wait on the loop would deadlock: the connections it waits for
+        are held by tasks of the same loop.
+        """
+        conn = self._join(generator_frame(1))
+        if conn is _OPEN:
+            conn = self._open(await self._checkout_async())
+        return conn
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(et, ev, tb)
+
+    def _join(self, frame: FrameType | None) -> Any:
+        """Join the connection bound in this context, or return _OPEN."""
+        if self._state:
+            raise ScopeError(
+                "a pool.connection() block can be entered only once; "
+                "call pool.connection() again for another block"
+            )
+        pool = self._pool
+        slot_key = hashable_key(pool, self._key)
+        mapping = get_mapping()
+        raw = mapping.get(slot_key)
+        me = current_owner()
+        self._owner = me
+        self._prev = mapping
+        self._frame = frame
+        if raw is not None and not self._separate:
+            handle = resolve(raw, pool)
+            if handle is not None:
+                binding = handle.binding
+                joined = False
+                with binding.lock:
+                    if not binding.released:
+                        binding.check_user(handle, me, join=True)
+                        joined = True
+                if joined:
+                    self._binding = binding
+                    self._state = 1
+                    if handle.owner == me:
+                        self._role = _JOINED
+                    else:  # a hand-off: this context now shows the new owner
+                        self._role = _HANDOFF
+                        self._bind(slot_key, raw)
+                    return binding.conn
+        return _OPEN
+
+    def _holder(self) -> RequestScope | None:
+        if self._separate:
+            return None
+        holder: RequestScope | None = self._prev.get((id(self._pool), _SCOPE))
+        return holder if holder is not None and holder._active else None
+
+    def _checkout(self) -> Any:
+        holder = self._holder()
+        if holder is not None:
+            slot = holder._reserve(self._key)
+            if slot is not None:
+                if slot.conn is None:
+                    try:
+                        slot.conn = self._pool.getconn()
+                    except BaseException:
+                        holder._unreserve(slot)
+                        raise
+                self._slot = slot
+                return slot.conn
+        return self._pool.getconn()
+
+    async def _checkout_async(self) -> Any:
+        holder = self._holder()
+        slot = None if holder is None else holder._reserve(self._key)
+        if slot is not None and slot.conn is not None:
+            self._slot = slot
+            return slot.conn
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, pool.getconn)
+        try:
+            conn = await asyncio.shield(future)
+        except BaseException:
+            if holder is not None and slot is not None:
+                holder._unreserve(slot)
+            future.add_done_callback(_return_unclaimed(pool))
+            raise
+        if slot is not None:
+            slot.conn = conn
+            self._slot = slot
+        return conn
+
+    def _open(self, conn: Any) -> Any:
+        held = _live.get(id(conn))
+        if held is not None and held.conn is conn and not held.released:
+            if self._slot is not None:
+                self._slot.holder._give_back(self._slot, conn, False)
+            raise ScopeError(
+                f"pool {self._pool!r} handed out a connection that another block still holds "
+                "(a PersistentConnectionPool has one connection per thread: use one key and "
+                "no separate=True with it); the block was not entered"
+            )
+        binding = Binding(self._pool, self._key, conn, self._owner, self._close_on_error)
+        _live[id(conn)] = binding
+        self._binding = binding
+        self._role = _OPENER
+        self._state = 1
+        slot_key = (id(self._pool), self._key)
+        self._bind(slot_key, self._prev.get(slot_key))
+        return conn
+
+    def _bind(self, slot_key: Any, raw: Any) -> None:
+        handle = Handle(self._binding, self._owner, raw, self._frame)
+        self._handle = handle
+        self._new = {**self._prev, slot_key: handle}
+        set_mapping(self._new)
+
+    def _detach(self) -> tuple[Any, Handle]:
+        """Unbind from the current context; return (mapping key, handle) to bind per step."""
+        if self._new is not None:
+            restore_mapping(self._prev, self._new)
+            self._new = None
+        if self._handle is not None:
+            self._handle.active = False
+        self._handle = Handle(self._binding, self._owner, None, None)
+        return hashable_key(self._pool, self._key), self._handle
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != 1:
+            raise ScopeError("pool.connection() block exited without being entered")
+        self._state = 2
+        binding = self._binding
+        if self._new is not None:
+            restore_mapping(self._prev, self._new)
+            self._new = None
+        if self._handle is not None:
+            self._handle.active = False
+        opener = self._role == _OPENER
+        with binding.lock:
+            binding.leave(self._owner)
+            if opener:
+                finish = not binding.blocks
+                if not finish:
+                    binding.orphaned = True
+                    binding.abort(ev)
+            else:
+                if et is not None and not issubclass(et, GeneratorExit):
+                    binding.abort(ev)
+                finish = binding.orphaned and not binding.blocks
+            if finish:
+                binding.released = True
+        if finish:
+            self._finish(binding, ev if et is not None else None)
+        elif opener and et is None:
+            raise TransactionAborted(
+                "this block ended while another thread or task (or a suspended generator) "
+                "was still inside a block that joined it, so nothing was committed: the "
+                "transaction is rolled back and the connection returned when that block ends"
+            )
+
+    def _finish(self, binding: Binding, exc: BaseException | None) -> None:
+        conn = binding.conn
+        discard, problem = end_transaction(
+            conn, exc, binding.aborted, binding.abort_cause, binding.close_on_error
+        )
+        try:
+            if self._slot is not None:
+                self._slot.holder._give_back(self._slot, conn, discard)
+            else:
+                binding.pool.putconn(conn, close=discard)
+        except BaseException as release_error:
+            problem = problem or release_error
+        finally:
+            if _live.get(id(conn)) is binding:
+                del _live[id(conn)]
+        if problem is not None:
+            if exc is None or not isinstance(problem, Exception):
+                raise problem
+            add_note(exc, problem)
+
+
+class _Slot:
+    __slots__ = ("busy", "conn", "holder", "key")
+
+    def __init__(self, holder: RequestScope, key: Any) -> None:
+        self.holder = holder
+        self.key = key
+        self.conn: Any = None
+        self.busy = True
+
+
+class RequestScope:
+    """``with pool.scope():`` a lazy connection scope, e.g. one per web request.
+
+    Nothing is checked out on entry. The first outermost block for a key inside
+    it checks a connection out and keeps it for the later blocks of the scope
+    (each block is still its own unit of work); the scope's exit puts every
+    such connection away. A block that finds the scope's connection busy
+    (a concurrent child task) gets its own checkout instead of sharing it.
+    """
+
+    __slots__ = ("_active", "_joined", "_lock", "_new", "_pool", "_prev", "_slots", "_state")
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._slots: dict[Any, _Slot] = {}
+        self._lock = threading.Lock()
+        self._active = False
+        self._joined = False
+        self._state = 0
+        self._new: Any = None
+
+    def __repr__(self) -> str:
+        return f"<RequestScope pool={self._pool!r} active={self._active}>"
+
+    def __enter__(self) -> RequestScope:
+        if self._state:
+            raise ScopeError("a pool.scope() can be entered only once; call pool.scope() again")
+        self._state = 1
+        mapping = get_mapping()
+        key = (id(self._pool), _SCOPE)
+        outer = mapping.get(key)
+        if outer is not None and outer._active and outer._pool is self._pool:
+            self._joined = True  # nested scope: the outer one keeps the connections
+            return self
+        self._active = True
+        self._prev = mapping
+        self._new = {**mapping, key: self}
+        set_mapping(self._new)
+        return self
+
+    async def __aenter__(self) -> RequestScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(et, ev, tb)
+
+    def _reserve(self, key: Any) -> _Slot | None:
+        """This scope's slot for ``key``, marked busy; None if busy or the scope ended.
+
+        A new slot has no connection yet: the caller checks one out into it.
+        """
+        with self._lock:
+            if not self._active:
+                return None
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(self, key)
+            elif slot.busy:
+                return None
+            slot.busy = True
+            return slot
+
+    def _unreserve(self, slot: _Slot) -> None:
+        """Forget a new slot whose checkout failed."""
+        with self._lock:
+            if self._slots.get(slot.key) is slot:
+                del self._slots[slot.key]
+
+    def _give_back(self, slot: _Slot, conn: Any, discard: bool) -> None:
+        with self._lock:
+            ours = self._slots.get(slot.key) is slot
+            if ours and self._active and not discard:
+                slot.busy = False
+                return
+            if ours:
+                del self._slots[slot.key]
+        self._pool.putconn(conn, close=discard)
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != 1:
+            raise ScopeError("pool.scope() exited without being entered")
+        self._state = 2
+        if self._joined:
+            return
+        restore_mapping(self._prev, self._new)
+        with self._lock:
+            self._active = False
+            idle = [slot.conn for slot in self._slots.values() if not slot.busy]
+            self._slots.clear()  # busy slots are returned by their block when it ends
+        problem: BaseException | None = None
+        for conn in idle:
+            try:
+                discard, error = roll_back_for_return(conn, None)
+                self._pool.putconn(conn, close=discard)
+            except BaseException as release_error:
+                error = release_error
+            problem = problem or error
+        if problem is not None:
+            if ev is None or not isinstance(problem, Exception):
+                raise problem
+            add_note(ev, problem)
+
+
+class ConnectionScopesMixin:
+    """Adds ``connection()`` and ``scope()`` to a pool class (put it first in the bases)."""
+
+    def connection(
+        self, key: Any = None, *, close_on_error: bool = False, separate: bool = False
+    ) -> ConnectionScope:
+        """A with-block that checks out (or joins) this pool's connection for ``key``.
+
+        ``key`` names a logical connection in this context (e.g. "replica"), not
+        a psycopg2 pool key. ``separate=True`` always takes a new connection and
+        transaction; ``close_on_error=True`` closes rather than returns it on
+        any exception.
+        """
+        return ConnectionScope(self, key, close_on_error=close_on_error, separate=separate)
+
+    def scope(self) -> RequestScope:
+        """A lazy connection scope: checked out on first use, put away at its end."""
+        return RequestScope(self)

@@ -1,0 +1,319 @@
+"""The contextvar registry: visibility, default pool, hand-offs and concurrent use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+import pgctx.pool
+from pgctx import registry
+from pgctx.decorators import with_connection
+from pgctx.errors import ConcurrentUseError, NoActiveConnection, TransactionAborted
+from pgctx.registry import (
+    NoDefaultPool,
+    current_connection,
+    get_default_pool,
+    in_scope,
+    set_default_pool,
+)
+from tests.helpers import unique_app
+
+Pool = pgctx.pool.ThreadedConnectionPool
+
+
+def in_use(pool: Any) -> int:
+    return len(pool._used)
+
+
+@pytest.fixture
+def pool(dsn: str) -> Iterator[Pool]:
+    p = Pool(1, 4, dsn, application_name=unique_app("registry"), timeout=30)
+    yield p
+    if not p.closed:
+        p.closeall()
+
+
+@pytest.fixture
+def table(pg_admin: Any) -> Iterator[str]:
+    name = f"registry_{uuid.uuid4().hex[:12]}"
+    with pg_admin.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
+    yield name
+    with pg_admin.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def rows(pg_admin: Any, table: str) -> list[int]:
+    with pg_admin.cursor() as cur:
+        cur.execute(f"SELECT x FROM {table} ORDER BY x")
+        return [r[0] for r in cur.fetchall()]
+
+
+def insert(conn: Any, table: str, x: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
+
+
+@pytest.fixture
+def default_pool(pool: Pool) -> Iterator[Pool]:
+    previous = set_default_pool(pool)
+    yield pool
+    set_default_pool(previous)
+
+
+def test_outside_a_block_current_connection_says_how_to_open_one(pool: Pool) -> None:
+    with pytest.raises(NoActiveConnection, match=r"pool\.connection\(\)") as info:
+        current_connection(pool)
+    assert isinstance(info.value, LookupError)
+    assert in_use(pool) == 0  # never checks one out
+    assert not in_scope(pool)
+
+
+def test_default_pool(pool: Pool) -> None:
+    previous = set_default_pool(None)
+    try:
+        with pytest.raises(NoDefaultPool, match="set_default_pool"):
+            current_connection()
+        with pytest.raises(TypeError, match="connection pool"):
+            set_default_pool("host=localhost")
+        assert set_default_pool(pool) is None
+        assert get_default_pool() is pool
+        with pool.connection() as conn:
+            assert current_connection() is conn
+            assert in_scope()
+    finally:
+        set_default_pool(previous)
+
+
+def test_binding_is_gone_after_the_block_even_in_copied_contexts(pool: Pool) -> None:
+    with pool.connection() as conn:
+        inside = contextvars.copy_context()
+        assert inside.run(current_connection, pool) is conn
+    assert in_use(pool) == 0
+    with pytest.raises(NoActiveConnection):
+        inside.run(current_connection, pool)
+    with pytest.raises(NoActiveConnection):
+        current_connection(pool)
+
+
+def test_copy_context_run_in_the_same_thread_joins(pool: Pool, pg_admin: Any, table: str) -> None:
+    def nested() -> Any:
+        with pool.connection() as conn:
+            insert(conn, table, 2)
+            return conn
+
+    with pool.connection() as conn:
+        insert(conn, table, 1)
+        assert contextvars.copy_context().run(nested) is conn
+        assert rows(pg_admin, table) == []
+    assert rows(pg_admin, table) == [1, 2]
+
+
+def test_to_thread_hand_off_joins_the_transaction(pool: Pool, pg_admin: Any, table: str) -> None:
+    seen: dict[str, Any] = {}
+
+    @with_connection(pool)
+    def in_thread(conn: Any) -> None:
+        seen["thread"] = threading.get_ident()
+        seen["conn"] = conn
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {table}")
+            seen["visible"] = cur.fetchone()[0]  # the task's uncommitted row
+        insert(conn, table, 2)
+
+    async def main() -> None:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+            await asyncio.to_thread(in_thread)
+            assert seen["conn"] is conn
+            assert current_connection(pool) is conn  # the owner uses it again afterwards
+            assert rows(pg_admin, table) == []
+
+    asyncio.run(main())
+    assert seen["thread"] != threading.get_ident()
+    assert seen["visible"] == 1
+    assert rows(pg_admin, table) == [1, 2]
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(60)
+def test_two_threads_using_one_connection_at_once_is_refused(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    inside = threading.Event()
+    done = threading.Event()
+
+    def worker() -> None:
+        with pool.connection() as conn:
+            insert(conn, table, 2)
+            inside.set()
+            done.wait(30)
+
+    with pytest.raises(ConcurrentUseError, match="separate=True"), pool.connection() as conn:
+        insert(conn, table, 1)
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+        thread.start()
+        try:
+            assert inside.wait(30)
+            current_connection(pool)  # the owner, while the thread is inside
+        finally:
+            done.set()
+            thread.join(30)
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(60)
+def test_gather_children_never_interleave_on_one_connection(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    @with_connection(pool)
+    async def child(n: int, started: asyncio.Event, go: asyncio.Event, conn: Any) -> None:
+        insert(conn, table, n)
+        started.set()
+        await go.wait()  # suspended inside its block: the connection is in use
+        insert(conn, table, n + 100)
+
+    async def main() -> list[Any]:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+            started, go = asyncio.Event(), asyncio.Event()
+            first = asyncio.create_task(child(2, started, go, None))
+            await started.wait()
+            second = asyncio.create_task(child(3, asyncio.Event(), go, None))
+            results = await asyncio.gather(second, return_exceptions=True)
+            go.set()
+            results += await asyncio.gather(first, return_exceptions=True)
+            return results
+
+    with pytest.raises(TransactionAborted) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.__cause__, ConcurrentUseError)
+    assert rows(pg_admin, table) == []  # the refused interleaving committed nothing
+    assert in_use(pool) == 0
+
+
+def test_sequential_children_join_the_parent(pool: Pool, pg_admin: Any, table: str) -> None:
+    @with_connection(pool)
+    async def child(n: int, conn: Any) -> Any:
+        insert(conn, table, n)
+        return conn
+
+    async def main() -> None:
+        with pool.connection() as conn:
+            results = await asyncio.gather(child(1), child(2))
+            assert results == [conn, conn]
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == [1, 2]
+
+
+@pytest.mark.timeout(60)
+def test_separate_children_run_concurrently_on_their_own_connections(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    @with_connection(pool, separate=True)
+    async def child(n: int, both: asyncio.Barrier, conn: Any) -> int:
+        insert(conn, table, n)
+        await both.wait()  # both inside their blocks at the same time
+        return int(conn.get_backend_pid())
+
+    async def main() -> None:
+        with pool.connection() as conn:
+            both = asyncio.Barrier(2)
+            pids = await asyncio.wait_for(asyncio.gather(child(1, both), child(2, both)), 30)
+            assert len(set(pids)) == 2 and conn.get_backend_pid() not in pids
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == [1, 2]
+    assert in_use(pool) == 0
+
+
+def test_task_outliving_its_scope_sees_nothing(pool: Pool) -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def late() -> str:
+            await gate.wait()
+            try:
+                current_connection(pool)
+            except NoActiveConnection:
+                return "absent"
+            return "stale binding visible"
+
+        with pool.connection():
+            task = asyncio.create_task(late())
+        gate.set()
+        assert await task == "absent"
+
+    asyncio.run(main())
+    assert in_use(pool) == 0
+
+
+def test_executor_threads_never_see_a_finished_or_suspended_binding(pool: Pool) -> None:
+    def raw_generator() -> Iterator[int]:
+        with pool.connection() as conn:
+            yield int(conn.get_backend_pid())
+
+    @with_connection(pool)
+    def decorated_generator(conn: Any) -> Iterator[int]:
+        yield int(conn.get_backend_pid())
+
+    def job1() -> tuple[Any, Any]:
+        with pool.connection():
+            pass
+        raw = raw_generator()
+        decorated = decorated_generator()
+        return raw, next(raw), decorated, next(decorated)
+
+    def job2() -> tuple[str, int]:
+        try:
+            current_connection(pool)
+            seen = "binding visible"
+        except NoActiveConnection:
+            seen = "absent"
+        with pool.connection() as conn:
+            return seen, int(conn.get_backend_pid())
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        raw, raw_pid, decorated, decorated_pid = executor.submit(job1).result(30)
+        assert in_use(pool) == 2  # both generators hold their connection while suspended
+        seen, own_pid = executor.submit(job2).result(30)
+        assert seen == "absent"
+        assert own_pid not in (raw_pid, decorated_pid)
+        raw.close()
+        decorated.close()
+    assert in_use(pool) == 0
+
+
+def test_registry_mapping_is_replaced_never_mutated(pool: Pool) -> None:
+    before = registry.get_mapping()
+    with pool.connection():
+        during = registry.get_mapping()
+        assert during is not before and len(during) == len(before) + 1
+    assert registry.get_mapping() is before
+
+
+def test_raw_block_in_async_generator_is_not_visible_to_its_consumer(pool: Pool) -> None:
+    async def rows() -> Any:
+        async with pool.connection() as conn:
+            yield conn
+            yield current_connection(pool)
+
+    async def main() -> None:
+        agen = rows()
+        first = await agen.__anext__()
+        with pytest.raises(NoActiveConnection):
+            current_connection(pool)  # the suspended generator's binding is not ours
+        assert await agen.__anext__() is first  # but the generator still sees it
+        await agen.aclose()
+
+    asyncio.run(main())
+    assert in_use(pool) == 0

@@ -1,0 +1,452 @@
+"""pool.connection() blocks against a real server: commit, rollback, discard, nesting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+import pytest
+
+import pgctx.pool
+from pgctx.errors import TransactionAborted
+from pgctx.registry import current_connection
+from pgctx.scope import ConnectionScopesMixin, ScopeError
+from tests.helpers import backends, unique_app, wait_backends
+
+Pool = pgctx.pool.ThreadedConnectionPool
+
+
+class Psycopg2Pool(ConnectionScopesMixin, psycopg2.pool.ThreadedConnectionPool):
+    pass
+
+
+PersistentPool = pgctx.pool.PersistentConnectionPool
+
+
+def in_use(pool: Any) -> int:
+    return len(pool._used)
+
+
+@pytest.fixture
+def app() -> str:
+    return unique_app("scope")
+
+
+@pytest.fixture
+def pool(dsn: str, app: str) -> Iterator[Pool]:
+    p = Pool(1, 4, dsn, application_name=app, timeout=30)
+    yield p
+    if not p.closed:
+        p.closeall()
+
+
+@pytest.fixture
+def table(pg_admin: Any) -> Iterator[str]:
+    name = f"scope_{uuid.uuid4().hex[:12]}"
+    with pg_admin.cursor() as cur:
+        cur.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
+    yield name
+    with pg_admin.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def rows(pg_admin: Any, table: str) -> list[int]:
+    with pg_admin.cursor() as cur:
+        cur.execute(f"SELECT x FROM {table} ORDER BY x")
+        return [r[0] for r in cur.fetchall()]
+
+
+def insert(conn: Any, table: str, x: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
+
+
+def pid(conn: Any) -> int:
+    return int(conn.get_backend_pid())
+
+
+def test_clean_exit_commits_and_returns(pool: Pool, pg_admin: Any, table: str) -> None:
+    with pool.connection() as conn:
+        insert(conn, table, 1)
+        assert rows(pg_admin, table) == []  # not yet committed
+        assert in_use(pool) == 1
+    assert rows(pg_admin, table) == [1]
+    assert in_use(pool) == 0
+    assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_exception_rolls_back_and_returns_the_same_connection(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    with pytest.raises(ValueError), pool.connection() as conn:
+        first = pid(conn)
+        insert(conn, table, 1)
+        raise ValueError("boom")
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+    assert not conn.closed
+    with pool.connection() as again:
+        assert pid(again) == first  # returned, not closed
+
+
+def test_ordinary_database_error_keeps_the_connection(pool: Pool, table: str) -> None:
+    with pytest.raises(psycopg2.errors.UniqueViolation), pool.connection() as conn:
+        first = pid(conn)
+        insert(conn, table, 1)
+        insert(conn, table, 1)
+    assert not conn.closed and in_use(pool) == 0
+    with pool.connection() as again:
+        assert pid(again) == first
+
+
+def test_statement_timeout_is_not_a_disconnect(pool: Pool) -> None:
+    with pytest.raises(psycopg2.errors.QueryCanceled), pool.connection() as conn:
+        first = pid(conn)
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL statement_timeout = '10ms'")
+            cur.execute("SELECT pg_sleep(5)")
+    with pool.connection() as again:
+        assert pid(again) == first
+
+
+def test_terminated_backend_is_closed_not_returned(
+    pool: Pool, pg_server: Any, pg_admin: Any, app: str, table: str
+) -> None:
+    with pytest.raises(psycopg2.OperationalError), pool.connection() as conn:
+        insert(conn, table, 1)
+        assert pg_server.terminate_backends(application_name=app) == 1
+        insert(conn, table, 2)
+    assert conn.closed
+    assert in_use(pool) == 0
+    with pool.connection() as fresh:  # the pool still serves working connections
+        insert(fresh, table, 3)
+    assert rows(pg_admin, table) == [3]
+    assert wait_backends(pg_admin, app, 1) == 1
+
+
+def test_close_on_error_closes_on_any_exception(pool: Pool, pg_admin: Any, app: str) -> None:
+    with pytest.raises(KeyError), pool.connection(close_on_error=True) as conn:
+        raise KeyError("x")
+    assert conn.closed and in_use(pool) == 0
+    assert wait_backends(pg_admin, app, 0) == 0
+
+
+def test_nested_blocks_join_and_commit_once(pool: Pool, pg_admin: Any, table: str) -> None:
+    with pool.connection() as outer:
+        insert(outer, table, 1)
+        with pool.connection() as inner:
+            assert inner is outer
+            insert(inner, table, 2)
+        assert rows(pg_admin, table) == []  # the inner exit did not commit
+        assert in_use(pool) == 1
+    assert rows(pg_admin, table) == [1, 2]
+
+
+def test_failed_inner_block_never_becomes_a_silent_commit(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    with pytest.raises(TransactionAborted) as info, pool.connection() as outer:
+        insert(outer, table, 1)
+        try:
+            with pool.connection() as inner:
+                insert(inner, table, 2)
+                raise ValueError("inner failed")
+        except ValueError:
+            pass
+        insert(outer, table, 3)  # the transaction itself is fine; the unit is not
+    assert isinstance(info.value.__cause__, ValueError)
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0 and not outer.closed
+
+
+def test_caught_database_error_aborts_instead_of_committing(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    with pytest.raises(TransactionAborted), pool.connection() as conn:
+        insert(conn, table, 1)
+        with contextlib.suppress(psycopg2.errors.UniqueViolation):
+            insert(conn, table, 1)  # psycopg2's commit() would now "succeed", saving nothing
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+def test_commit_error_is_raised_after_the_connection_is_returned(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    seen: list[int] = []
+    with pg_admin.cursor() as cur:
+        cur.execute(
+            f"CREATE TABLE {table}_ref (x int REFERENCES {table} DEFERRABLE INITIALLY DEFERRED)"
+        )
+    try:
+        with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+            try:
+                with pool.connection() as conn:
+                    insert(conn, f"{table}_ref", 42)  # checked only at COMMIT
+            except psycopg2.Error:
+                seen.append(in_use(pool))
+                raise
+        assert seen == [0]
+        assert not conn.closed
+    finally:
+        with pg_admin.cursor() as cur:
+            cur.execute(f"DROP TABLE {table}_ref")
+
+
+class FailingRollback(psycopg2.extensions.connection):
+    fail = False
+
+    def rollback(self) -> None:
+        if FailingRollback.fail:
+            raise psycopg2.OperationalError("rollback refused by the test")
+        super().rollback()
+
+
+def test_failed_rollback_discards_and_keeps_the_body_error(dsn: str, app: str) -> None:
+    pool = Pool(1, 2, dsn, application_name=app, connection_factory=FailingRollback)
+    try:
+        FailingRollback.fail = True
+        with pytest.raises(ValueError) as info, pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            raise ValueError("body")
+        notes = getattr(info.value, "__notes__", [])
+        assert any("rollback refused" in note for note in notes)
+        assert conn.closed and in_use(pool) == 0
+    finally:
+        FailingRollback.fail = False
+        pool.closeall()
+
+
+def test_autocommit_connection_commits_nothing(
+    dsn: str, app: str, pg_admin: Any, table: str
+) -> None:
+    pool = Pool(1, 2, dsn, application_name=app)
+    try:
+        with pool.connection() as conn:
+            conn.autocommit = True
+            insert(conn, table, 1)
+            assert rows(pg_admin, table) == [1]
+        with pytest.raises(TransactionAborted), pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+            insert(conn, table, 2)  # a hand-made transaction left open is not committed
+        assert rows(pg_admin, table) == [1]
+        assert in_use(pool) == 0
+        assert conn.closed or conn.info.transaction_status == 0
+    finally:
+        pool.closeall()
+
+
+def test_separate_takes_its_own_connection_and_transaction(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    with pytest.raises(RuntimeError), pool.connection() as outer:
+        insert(outer, table, 1)
+        with pool.connection(separate=True) as side:
+            assert side is not outer
+            assert current_connection(pool) is side
+            insert(side, table, 2)
+        assert current_connection(pool) is outer
+        assert rows(pg_admin, table) == [2]  # committed on its own
+        raise RuntimeError("outer fails")
+    assert rows(pg_admin, table) == [2]
+    assert in_use(pool) == 0
+
+
+def test_keys_name_different_connections(pool: Pool) -> None:
+    with pool.connection() as a, pool.connection("audit") as b:
+        assert a is not b
+        assert current_connection(pool, "audit") is b
+        assert current_connection(pool) is a
+        assert in_use(pool) == 2
+    assert in_use(pool) == 0
+
+
+def test_misuse_raises_and_leaves_the_pool_alone(pool: Pool) -> None:
+    block = pool.connection()
+    with block:
+        pass
+    with pytest.raises(ScopeError, match="only once"), block:
+        pass
+    with pytest.raises(ScopeError, match="without being entered"):
+        pool.connection().__exit__(None, None, None)
+    with pytest.raises(TypeError, match="hashable"), pool.connection(["list"]):
+        pass
+    assert in_use(pool) == 0
+
+
+def test_keyboard_interrupt_inside_a_block_leaves_the_pool_whole(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    with pytest.raises(KeyboardInterrupt), pool.connection() as conn:
+        insert(conn, table, 1)
+        raise KeyboardInterrupt
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+    with pool.connection() as again:
+        insert(again, table, 2)
+    assert rows(pg_admin, table) == [2]
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_task_inside_a_block_leaves_the_pool_whole(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def work() -> None:
+            async with pool.connection() as conn:
+                insert(conn, table, 1)
+                entered.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(work())
+        await asyncio.wait_for(entered.wait(), 30)
+        assert in_use(pool) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_hand_off_returns_the_connection_when_the_thread_ends(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+    outcome: list[str] = []
+
+    def worker() -> None:
+        try:
+            with pool.connection() as conn:  # joins the task's block
+                insert(conn, table, 2)
+                inside.set()
+                release.wait(30)
+        except TransactionAborted:
+            outcome.append("aborted")
+
+    async def main() -> None:
+        async def work() -> None:
+            with pool.connection() as conn:
+                insert(conn, table, 1)
+                await asyncio.to_thread(worker)
+
+        task = asyncio.create_task(work())
+        await asyncio.to_thread(inside.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The thread is still using the connection: it must not be back in the pool.
+        assert in_use(pool) == 1
+        release.set()
+
+    asyncio.run(main())
+    assert outcome == ["aborted"]
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+def test_persistent_pool_blocks(dsn: str, app: str, pg_admin: Any, table: str) -> None:
+    pool = PersistentPool(1, 2, dsn, application_name=app)
+    try:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+            with (
+                pytest.raises(ScopeError, match="PersistentConnectionPool"),
+                pool.connection(separate=True),
+            ):
+                pass
+            insert(conn, table, 2)  # the refused block did not touch this transaction
+        assert rows(pg_admin, table) == [1, 2]
+        with pool.connection() as again:
+            assert again is conn
+    finally:
+        pool.closeall()
+
+
+def test_works_on_psycopg2_pool_classes(dsn: str, app: str, pg_admin: Any, table: str) -> None:
+    pool = Psycopg2Pool(1, 2, dsn, application_name=app)
+    try:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+        with pytest.raises(ZeroDivisionError), pool.connection() as conn:
+            insert(conn, table, 2)
+            1 / 0  # noqa: B018
+        assert rows(pg_admin, table) == [1]
+        assert len(pool._used) == 0
+    finally:
+        pool.closeall()
+    assert backends(pg_admin, app) == 0 or wait_backends(pg_admin, app, 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_async_blocks_wait_for_a_connection_off_the_event_loop(dsn: str, app: str) -> None:
+    pool = Pool(0, 2, dsn, application_name=app, timeout=30)
+
+    async def work(n: int) -> int:
+        async with pool.connection() as conn:
+            await asyncio.sleep(0.01)  # holds its connection across an await
+            return int(conn.get_backend_pid()) + 0 * n
+
+    async def main() -> list[int]:
+        return await asyncio.wait_for(asyncio.gather(*(work(n) for n in range(10))), 30)
+
+    try:
+        pids = asyncio.run(main())  # a blocking wait on the loop would deadlock here
+        assert len(pids) == 10 and len(set(pids)) <= 2
+        assert in_use(pool) == 0
+    finally:
+        pool.closeall()
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_while_waiting_for_a_connection(dsn: str, app: str) -> None:
+    pool = Pool(0, 1, dsn, application_name=app, timeout=30)
+
+    async def main() -> None:
+        holder_in = asyncio.Event()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with pool.connection():
+                holder_in.set()
+                await release.wait()
+
+        async def waiter() -> None:
+            async with pool.connection():
+                raise AssertionError("must not get the connection")
+
+        first = asyncio.create_task(holder())
+        await holder_in.wait()
+        second = asyncio.create_task(waiter())
+        await asyncio.sleep(0.1)  # the waiter is now blocked in getconn (in a thread)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        release.set()
+        await first
+        for _ in range(500):  # the abandoned checkout is put back when it completes
+            if in_use(pool) == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+        assert in_use(pool) == 0
+        with pool.connection():
+            pass
+    finally:
+        pool.closeall()
