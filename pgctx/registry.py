@@ -84,6 +84,10 @@ def describe_owner(owner: Owner) -> str:
 class Binding:
     """One checked-out connection and the blocks currently inside it."""
 
+    # One lock for all bindings: it guards a few field updates, is never held
+    # while taking another lock, and sparing a Lock per block is measurable.
+    lock = threading.Lock()
+
     __slots__ = (
         "abort_cause",
         "aborted",
@@ -91,7 +95,6 @@ class Binding:
         "close_on_error",
         "conn",
         "key",
-        "lock",
         "orphaned",
         "owners",
         "pool",
@@ -111,7 +114,6 @@ class Binding:
         self.orphaned = False  # the opening block ended while others were still inside
         self.released = False
         self.savepoints = 0
-        self.lock = threading.Lock()
 
     def abort(self, cause: BaseException | None) -> None:
         """Mark the unit of work failed (call under ``lock``)."""

@@ -16,9 +16,10 @@ from typing import Any
 
 from pgctx._driver import extensions
 from pgctx.errors import NoActiveConnection, TransactionAborted
-from pgctx.health import add_note, is_disconnect
+from pgctx.health import is_disconnect
 from pgctx.registry import Binding, current_owner, find, resolve_pool
 from pgctx.scope import ScopeError
+from pgctx.transaction import add_note
 
 __all__ = ["Savepoint", "savepoint"]
 

@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from asyncio import current_task as _current_task
+from asyncio.events import _get_running_loop
+from collections.abc import Callable, Mapping
+from sys import _getframe
+from threading import get_ident as _get_ident
 from types import FrameType, TracebackType
 from typing import Any
 
 from pgctx.errors import ScopeError, TransactionAborted
-from pgctx.health import add_note, end_transaction, roll_back_for_return
 from pgctx.registry import (
+    _GENERATOR_FLAGS,
     Binding,
     Handle,
+    Owner,
     current_owner,
     generator_frame,
     get_mapping,
@@ -37,11 +42,14 @@ from pgctx.registry import (
     restore_mapping,
     set_mapping,
 )
+from pgctx.registry import _bindings as _bindings
+from pgctx.transaction import add_note, end_transaction, roll_back_for_return
 
 __all__ = ["ConnectionScope", "ConnectionScopesMixin", "RequestScope", "ScopeError"]
 
 _OPENER, _JOINED, _HANDOFF = 0, 1, 2
 _OPEN = object()  # _join() found nothing to join: check a connection out
+_EMPTY: dict[Any, Any] = {}  # the mapping of a context with nothing bound (never mutated)
 _SCOPE = ("pgctx", "request-scope")  # mapping key marker for pool.scope() holders
 
 # id(conn) -> binding, for every connection a block holds: a pool that hands out a
@@ -79,6 +87,9 @@ class ConnectionScope:
         "_state",
     )
 
+    _owner: Owner
+    _prev: Mapping[Any, Any]
+
     def __init__(
         self, pool: Any, key: Any = None, *, close_on_error: bool = False, separate: bool = False
     ) -> None:
@@ -95,6 +106,19 @@ class ConnectionScope:
         return f"<ConnectionScope pool={self._pool!r} key={self._key!r}>"
 
     def __enter__(self) -> Any:
+        # The hot path: with nothing bound in this context yet (the common case)
+        # there is nothing to join and no request scope to use.
+        if not self._state and not _bindings.get():
+            frame = _getframe(1)
+            self._frame = frame if frame.f_code.co_flags & _GENERATOR_FLAGS else None
+            self._prev = _EMPTY
+            loop = _get_running_loop()
+            self._owner = (_get_ident(), None if loop is None else _current_task(loop))
+            try:
+                hash(self._key)
+            except TypeError:
+                hashable_key(self._pool, self._key)  # raises a clear error
+            return self._open(self._pool.getconn())
         conn = self._join(generator_frame(1))
         if conn is _OPEN:
             conn = self._open(self._checkout())
@@ -124,9 +148,13 @@ class ConnectionScope:
                 "call pool.connection() again for another block"
             )
         pool = self._pool
-        slot_key = hashable_key(pool, self._key)
         mapping = get_mapping()
-        raw = mapping.get(slot_key)
+        slot_key = (id(pool), self._key)
+        try:
+            raw = mapping.get(slot_key)  # hashes the key even when the mapping is empty
+        except TypeError:
+            hashable_key(pool, self._key)  # raises a clear error
+            raise
         me = current_owner()
         self._owner = me
         self._prev = mapping
@@ -152,7 +180,7 @@ class ConnectionScope:
         return _OPEN
 
     def _holder(self) -> RequestScope | None:
-        if self._separate:
+        if self._separate or not self._prev:
             return None
         holder: RequestScope | None = self._prev.get((id(self._pool), _SCOPE))
         return holder if holder is not None and holder._active else None
@@ -209,7 +237,11 @@ class ConnectionScope:
         self._role = _OPENER
         self._state = 1
         slot_key = (id(self._pool), self._key)
-        self._bind(slot_key, self._prev.get(slot_key))
+        prev = self._prev
+        handle = Handle(binding, self._owner, prev.get(slot_key) if prev else None, self._frame)
+        self._handle = handle
+        self._new = {**prev, slot_key: handle} if prev else {slot_key: handle}
+        _bindings.set(self._new)
         return conn
 
     def _bind(self, slot_key: Any, raw: Any) -> None:
@@ -236,13 +268,19 @@ class ConnectionScope:
         self._state = 2
         binding = self._binding
         if self._new is not None:
-            restore_mapping(self._prev, self._new)
+            if _bindings.get() is self._new:  # else it ended in another context: leave it
+                _bindings.set(self._prev)
             self._new = None
         if self._handle is not None:
             self._handle.active = False
         opener = self._role == _OPENER
         with binding.lock:
-            binding.leave(self._owner)
+            owners = binding.owners
+            if len(owners) == 1 and owners[0][1] == 1 and owners[0][0] == self._owner:
+                owners.clear()  # the opener leaving alone: what leave() would do, faster
+                binding.blocks -= 1
+            else:
+                binding.leave(self._owner)
             if opener:
                 finish = not binding.blocks
                 if not finish:
