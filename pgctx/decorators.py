@@ -190,8 +190,16 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
                         return wrapped(*args, **kwargs)
                     where = index
         scope = ConnectionScope(
-            resolve_pool(pool), key, close_on_error=close_on_error, separate=separate
+            pool if pool is not None else resolve_pool(None),
+            key,
+            close_on_error=close_on_error,
+            separate=separate,
         )
+        if runner is _run_function:  # the hot path, inlined: one block around the call
+            with scope as conn:
+                if where is None:
+                    return wrapped(*args, **kwargs)
+                return _call(wrapped, args, kwargs, conn, where)
         return runner(scope, wrapped, args, kwargs, where)
 
     return wrapper(target)
