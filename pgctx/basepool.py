@@ -44,7 +44,6 @@ class AbstractConnectionPool(PoolCore):
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
-            self._stats.requests_num += 1
             if key is None:
                 self._keys += 1
                 key = (AUTO, self._keys)
@@ -52,7 +51,9 @@ class AbstractConnectionPool(PoolCore):
                 _check_hashable(key)
                 conn = self._used.get(key)
                 if conn is not None:
+                    self._stats.requests_num += 1
                     return conn
+            self._stats.requests_num += 1
             if self._life is None:  # the psycopg2-compatible fast path
                 idle = self._pool
                 while idle:
@@ -96,7 +97,7 @@ class AbstractConnectionPool(PoolCore):
                 must_check = waiter.must_check
             elif conn is None:
                 return self._connect_reserved(key, timeout, deadline)
-            if not must_check or (life is not None and life.passes_check(conn)):
+            if not must_check or (life is not None and life.passes_check(conn, deadline)):
                 return conn
             self._drop_taken(key, conn)  # failed its check: try another within the deadline
 
@@ -173,7 +174,7 @@ class AbstractConnectionPool(PoolCore):
         backoff = None
         while True:
             try:
-                conn = self._open()
+                conn = self._open(deadline)
                 break
             except psycopg2.OperationalError as exc:
                 if deadline is not None and not self.closed:

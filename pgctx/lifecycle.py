@@ -17,11 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from pgctx.waiting import Connection, validate_timeout
+from pgctx.watchdog import WATCHDOG
 
 _log = logging.getLogger("pgctx")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 ConnectionHook = Callable[[Connection], object]
+CHECK_GRACE = 0.1  # seconds a check may take even when the caller's deadline has passed
 LIFETIME_JITTER = 0.1  # lifetimes are shortened by up to 10% so connections don't expire together
 
 
@@ -140,10 +142,15 @@ class Lifecycle:
                 info.taken_at = now
                 info.taken_from = _callers_stack()
 
-    def passes_check(self, conn: Connection) -> bool:
+    def passes_check(self, conn: Connection, deadline: float | None) -> bool:
+        """Run ``check``; with a deadline, a check still running then fails."""
         assert self.check is not None
         try:
-            self.check(conn)
+            if deadline is None:
+                self.check(conn)
+            else:
+                with WATCHDOG.deadline(conn, max(deadline - time.monotonic(), CHECK_GRACE)):
+                    self.check(conn)
             return True
         except Exception:
             _log.info("connection failed its check on checkout; discarding it", exc_info=True)

@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from pgctx import forksafe
 from pgctx._driver import extensions, psycopg2
 from pgctx._dsn import describe_target
-from pgctx.connecting import bounded_wait_defaults
+from pgctx.connecting import ConnectParams, check_connect_arguments
 from pgctx.errors import PoolError
 from pgctx.lifecycle import Lifecycle
 from pgctx.maintenance import Maintenance
 from pgctx.stats import PoolStats
 from pgctx.waiting import Connection, WaitQueue, validate_max_waiting, validate_timeout
+from pgctx.watchdog import WATCHDOG
 
 _log = logging.getLogger("pgctx")
 
@@ -104,9 +106,8 @@ class PoolCore:
 
         self._args = args
         self._kwargs = kwargs
-        self._connect_kwargs = kwargs
-        if self.timeout is not None:
-            self._connect_kwargs = bounded_wait_defaults(args, kwargs, self.timeout)
+        check_connect_arguments(args, kwargs)
+        self._connect_params = ConnectParams(args, kwargs, self.timeout)
         self._pool: list[Connection] = []  # idle connections; the last returned is reused first
         self._used: dict[Any, Connection] = {}  # key -> checked-out connection
         self._rused: dict[int, Any] = {}  # id(conn) -> key
@@ -141,11 +142,18 @@ class PoolCore:
 
     # -- connecting ---------------------------------------------------------------
 
-    def _open(self) -> Connection:
-        """Open and configure a new connection (never under the lock)."""
+    def _open(self, deadline: float | None = None) -> Connection:
+        """Open and configure a new connection (never under the lock).
+
+        With a ``deadline`` (a monotonic time), libpq's ``connect_timeout`` is
+        what is left of it, unless the DSN sets its own.
+        """
         started = time.monotonic()
+        if deadline is None and self.timeout is not None:
+            deadline = started + self.timeout
         try:
-            conn: Connection = psycopg2.connect(*self._args, **self._connect_kwargs)
+            kwargs = self._connect_params.for_deadline(deadline)
+            conn: Connection = psycopg2.connect(*self._args, **kwargs)
             if self._life is not None:
                 try:
                     self._life.opened(conn)
@@ -268,16 +276,21 @@ class PoolCore:
 
     def _clean_and_return(self, conn: Connection, key: Any, status: int) -> None:
         """Roll back and reset outside the lock (the slot stays taken), then return or discard."""
+        # With a timeout, a server that stopped answering must not hold putconn forever.
+        bound = WATCHDOG.deadline(conn, max(self.timeout, 5.0)) if self.timeout else nullcontext()
         usable = True
-        if status != _IDLE:
-            try:
-                conn.rollback()
-                usable = conn.get_transaction_status() == _IDLE
-            except Exception:
-                _log.warning("rollback failed on return; discarding the connection", exc_info=True)
-                usable = False
-        if usable and self._life is not None:
-            usable = self._life.cleans_up(conn)
+        with bound:
+            if status != _IDLE:
+                try:
+                    conn.rollback()
+                    usable = conn.get_transaction_status() == _IDLE
+                except Exception:
+                    _log.warning(
+                        "rollback failed on return; discarding the connection", exc_info=True
+                    )
+                    usable = False
+            if usable and self._life is not None:
+                usable = self._life.cleans_up(conn)
         with self._lock:
             if not usable:
                 self._stats.returns_bad += 1
@@ -357,12 +370,14 @@ class PoolCore:
         """Counters since the pool was created, and the pool's current sizes."""
         with self._lock:
             stats = self._stats.as_dict()
+            # closeall() keeps psycopg2's maps filled, but nothing in them is open
+            idle, used = (0, 0) if self.closed else (len(self._pool), len(self._used))
             stats.update(
                 pool_min=self.minconn,
                 pool_max=self.maxconn,
-                pool_size=len(self._pool) + len(self._used) + self._connecting,
-                pool_available=len(self._pool),
-                checked_out=len(self._used),
+                pool_size=idle + used + self._connecting,
+                pool_available=idle,
+                checked_out=used,
                 requests_waiting=len(self._waiters),
             )
         return stats

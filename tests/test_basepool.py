@@ -292,11 +292,11 @@ def test_a_failed_connect_passes_the_slot_on(dsn: str, app: str, mocker: Any) ->
         # not an OperationalError: that would be retried until the deadline
         calls = iter([psycopg2.ProgrammingError("simulated connect failure")])
 
-        def open_once_failing() -> Any:
+        def open_once_failing(deadline: float | None = None) -> Any:
             error = next(calls, None)
             if error is not None:
                 raise error
-            return real_open()
+            return real_open(deadline)
 
         mocker.patch.object(pool, "_open", open_once_failing)
         first = threading.Thread(target=failing_waiter)

@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import time
 
+import psycopg2
 import pytest
 
-from pgctx.connecting import BACKOFF_FIRST, BACKOFF_MAX, Backoff, bounded_wait_defaults
+from pgctx.connecting import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    Backoff,
+    ConnectParams,
+    check_connect_arguments,
+)
 from pgctx.pool import ThreadedConnectionPool
 from tests.helpers import unique_app
 
 
 def test_defaults_fill_only_what_the_user_left_unset() -> None:
-    kwargs = bounded_wait_defaults(("host=db connect_timeout=7",), {"keepalives_idle": 99}, 3.5)
+    params = ConnectParams(("host=db connect_timeout=7",), {"keepalives_idle": 99}, 3.5)
+    kwargs = params.for_deadline(time.monotonic() + 30)
     assert "connect_timeout" not in kwargs  # set in the DSN: libpq's value stands
     assert kwargs["keepalives_idle"] == 99
     assert kwargs["keepalives"] == 1 and kwargs["tcp_user_timeout"] == 5000
-    uri = bounded_wait_defaults(("postgresql://db/app?tcp_user_timeout=100",), {}, 30)
-    assert "tcp_user_timeout" not in uri and uri["connect_timeout"] == 30
+    uri = ConnectParams(("postgresql://db/app?tcp_user_timeout=100",), {}, 30)
+    assert "tcp_user_timeout" not in uri.for_deadline(None)
 
 
-def test_connect_timeout_is_at_least_libpqs_minimum() -> None:
-    assert bounded_wait_defaults((), {}, 0.1)["connect_timeout"] == 2
+def test_connect_timeout_is_what_the_caller_has_left() -> None:
+    params = ConnectParams(("host=db",), {}, None)
+    assert "keepalives" not in params.for_deadline(None)  # no timeout: psycopg2's behaviour
+    assert "connect_timeout" not in params.for_deadline(None)
+    assert params.for_deadline(time.monotonic() + 29.5)["connect_timeout"] == 30
+    assert params.for_deadline(time.monotonic() + 0.1)["connect_timeout"] == 2  # libpq minimum
 
 
-def test_a_bad_dsn_is_left_for_psycopg2_to_report() -> None:
-    assert bounded_wait_defaults(("this is not a dsn",), {"a": 1}, 5) == {"a": 1}
+def test_a_bad_dsn_gets_no_defaults() -> None:
+    assert ConnectParams(("this is not a dsn",), {"a": 1}, 5).for_deadline(None) == {"a": 1}
+
+
+def test_misspelt_options_fail_at_construction(dsn: str) -> None:
+    with pytest.raises(psycopg2.ProgrammingError, match='invalid connection option "timout"') as e:
+        ThreadedConnectionPool(0, 1, dsn, timout=1)
+    assert "pgctx's own options are timeout" in str(e.value)
+    check_connect_arguments((dsn,), {"cursor_factory": None, "connection_factory": None})
 
 
 def test_the_pool_connects_with_the_defaults_only_when_waiting(dsn: str) -> None:
@@ -34,7 +53,7 @@ def test_the_pool_connects_with_the_defaults_only_when_waiting(dsn: str) -> None
     try:
         conn = waiting.getconn()
         params = conn.get_dsn_parameters()
-        assert params.get("connect_timeout") == "4" and params.get("keepalives") == "1"
+        assert params.get("connect_timeout") in ("4", "5") and params.get("keepalives") == "1"
         assert "connect_timeout" not in plain.getconn().get_dsn_parameters()
     finally:
         waiting.closeall()
