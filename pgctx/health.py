@@ -105,11 +105,14 @@ def check_connection(conn: Any) -> None:
 
 
 def reset_session(conn: Any) -> None:
-    """A pool ``reset``: ``DISCARD ALL``, so no session state reaches the next borrower.
+    """A pool ``reset``: ``DISCARD ALL``, so no server session state reaches the next borrower.
 
     Clears what a rollback leaves behind: ``SET`` parameters, ``SET ROLE``,
     temporary tables, prepared statements, advisory locks, ``LISTEN``. It must
     run on its own and outside a transaction, so an open one is rolled back.
+    psycopg2's client-side attributes (``autocommit``, ``isolation_level``,
+    ``readonly``, ``deferrable``) are not session state and stay as the last
+    borrower left them: set them in ``configure`` and leave them alone.
     Use ``reset=pgctx.reset_session``.
     """
     if conn.info.transaction_status != extensions.TRANSACTION_STATUS_IDLE:
