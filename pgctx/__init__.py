@@ -22,8 +22,9 @@ from pgctx.pool import (
     ThreadedConnectionPool,
 )
 from pgctx.registry import current_connection, get_default_pool, in_scope, set_default_pool
+from pgctx.requestscope import RequestScope
 from pgctx.savepoint import Savepoint, savepoint
-from pgctx.scope import ConnectionScope, ConnectionScopesMixin, RequestScope
+from pgctx.scope import ConnectionScope, ConnectionScopesMixin
 
 __version__ = "0.1.0.dev0"
 

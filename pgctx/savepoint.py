@@ -15,10 +15,9 @@ from types import TracebackType
 from typing import Any
 
 from pgctx._driver import extensions
-from pgctx.errors import NoActiveConnection, TransactionAborted
+from pgctx.errors import NoActiveConnection, ScopeError, TransactionAborted
 from pgctx.health import is_disconnect
 from pgctx.registry import Binding, current_owner, find, resolve_pool
-from pgctx.scope import ScopeError
 from pgctx.transaction import add_note
 
 __all__ = ["Savepoint", "savepoint"]

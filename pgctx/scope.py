@@ -19,7 +19,6 @@ to it as a note). This module is the hot path: small classes with __slots__.
 from __future__ import annotations
 
 import asyncio
-import threading
 from asyncio import current_task as _current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Callable, Mapping
@@ -43,14 +42,14 @@ from pgctx.registry import (
     set_mapping,
 )
 from pgctx.registry import _bindings as _bindings
-from pgctx.transaction import add_note, end_transaction, roll_back_for_return
+from pgctx.requestscope import SCOPE_MARK, RequestScope, _Slot
+from pgctx.transaction import add_note, end_transaction
 
-__all__ = ["ConnectionScope", "ConnectionScopesMixin", "RequestScope", "ScopeError"]
+__all__ = ["ConnectionScope", "ConnectionScopesMixin"]
 
 _OPENER, _JOINED, _HANDOFF = 0, 1, 2
 _OPEN = object()  # _join() found nothing to join: check a connection out
 _EMPTY: dict[Any, Any] = {}  # the mapping of a context with nothing bound (never mutated)
-_SCOPE = ("pgctx", "request-scope")  # mapping key marker for pool.scope() holders
 
 # id(conn) -> binding, for every connection a block holds: a pool that hands out a
 # connection some block still holds (a PersistentConnectionPool used with two keys)
@@ -182,7 +181,7 @@ class ConnectionScope:
     def _holder(self) -> RequestScope | None:
         if self._separate or not self._prev:
             return None
-        holder: RequestScope | None = self._prev.get((id(self._pool), _SCOPE))
+        holder: RequestScope | None = self._prev.get((id(self._pool), SCOPE_MARK))
         return holder if holder is not None and holder._active else None
 
     def _checkout(self) -> Any:
@@ -320,123 +319,6 @@ class ConnectionScope:
             if exc is None or not isinstance(problem, Exception):
                 raise problem
             add_note(exc, problem)
-
-
-class _Slot:
-    __slots__ = ("busy", "conn", "holder", "key")
-
-    def __init__(self, holder: RequestScope, key: Any) -> None:
-        self.holder = holder
-        self.key = key
-        self.conn: Any = None
-        self.busy = True
-
-
-class RequestScope:
-    """``with pool.scope():`` a lazy connection scope, e.g. one per web request.
-
-    Nothing is checked out on entry. The first outermost block for a key inside
-    it checks a connection out and keeps it for the later blocks of the scope
-    (each block is still its own unit of work); the scope's exit puts every
-    such connection away. A block that finds the scope's connection busy
-    (a concurrent child task) gets its own checkout instead of sharing it.
-    """
-
-    __slots__ = ("_active", "_joined", "_lock", "_new", "_pool", "_prev", "_slots", "_state")
-
-    def __init__(self, pool: Any) -> None:
-        self._pool = pool
-        self._slots: dict[Any, _Slot] = {}
-        self._lock = threading.Lock()
-        self._active = False
-        self._joined = False
-        self._state = 0
-        self._new: Any = None
-
-    def __repr__(self) -> str:
-        return f"<RequestScope pool={self._pool!r} active={self._active}>"
-
-    def __enter__(self) -> RequestScope:
-        if self._state:
-            raise ScopeError("a pool.scope() can be entered only once; call pool.scope() again")
-        self._state = 1
-        mapping = get_mapping()
-        key = (id(self._pool), _SCOPE)
-        outer = mapping.get(key)
-        if outer is not None and outer._active and outer._pool is self._pool:
-            self._joined = True  # nested scope: the outer one keeps the connections
-            return self
-        self._active = True
-        self._prev = mapping
-        self._new = {**mapping, key: self}
-        set_mapping(self._new)
-        return self
-
-    async def __aenter__(self) -> RequestScope:
-        return self.__enter__()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.__exit__(et, ev, tb)
-
-    def _reserve(self, key: Any) -> _Slot | None:
-        """This scope's slot for ``key``, marked busy; None if busy or the scope ended.
-
-        A new slot has no connection yet: the caller checks one out into it.
-        """
-        with self._lock:
-            if not self._active:
-                return None
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._slots[key] = _Slot(self, key)
-            elif slot.busy:
-                return None
-            slot.busy = True
-            return slot
-
-    def _unreserve(self, slot: _Slot) -> None:
-        """Forget a new slot whose checkout failed."""
-        with self._lock:
-            if self._slots.get(slot.key) is slot:
-                del self._slots[slot.key]
-
-    def _give_back(self, slot: _Slot, conn: Any, discard: bool) -> None:
-        with self._lock:
-            ours = self._slots.get(slot.key) is slot
-            if ours and self._active and not discard:
-                slot.busy = False
-                return
-            if ours:
-                del self._slots[slot.key]
-        self._pool.putconn(conn, close=discard)
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._state != 1:
-            raise ScopeError("pool.scope() exited without being entered")
-        self._state = 2
-        if self._joined:
-            return
-        restore_mapping(self._prev, self._new)
-        with self._lock:
-            self._active = False
-            idle = [slot.conn for slot in self._slots.values() if not slot.busy]
-            self._slots.clear()  # busy slots are returned by their block when it ends
-        problem: BaseException | None = None
-        for conn in idle:
-            try:
-                discard, error = roll_back_for_return(conn, None)
-                self._pool.putconn(conn, close=discard)
-            except BaseException as release_error:
-                error = release_error
-            problem = problem or error
-        if problem is not None:
-            if ev is None or not isinstance(problem, Exception):
-                raise problem
-            add_note(ev, problem)
 
 
 class ConnectionScopesMixin:

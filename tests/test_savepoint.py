@@ -11,9 +11,8 @@ import psycopg2
 import pytest
 
 import pgctx.pool
-from pgctx.errors import NoActiveConnection, TransactionAborted
+from pgctx.errors import NoActiveConnection, ScopeError, TransactionAborted
 from pgctx.savepoint import savepoint
-from pgctx.scope import ScopeError
 from tests.helpers import unique_app
 
 Pool = pgctx.pool.ThreadedConnectionPool

@@ -15,9 +15,9 @@ import psycopg2.pool
 import pytest
 
 import pgctx.pool
-from pgctx.errors import TransactionAborted
+from pgctx.errors import ScopeError, TransactionAborted
 from pgctx.registry import current_connection
-from pgctx.scope import ConnectionScopesMixin, ScopeError
+from pgctx.scope import ConnectionScopesMixin
 from tests.helpers import backends, unique_app, wait_backends
 
 Pool = pgctx.pool.ThreadedConnectionPool

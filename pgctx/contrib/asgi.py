@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from pgctx.registry import check_pool, resolve_pool
-from pgctx.scope import RequestScope
+from pgctx.requestscope import RequestScope
 
 __all__ = ["ConnectionMiddleware"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pgctx.registry import check_pool, resolve_pool
-from pgctx.scope import RequestScope
+from pgctx.requestscope import RequestScope
 
 __all__ = ["ConnectionMiddleware"]
 
