@@ -44,3 +44,20 @@ def wait_backends(admin: Any, application_name: str, expected: int, timeout: flo
     """Wait until the backend count settles at ``expected`` (closes are asynchronous)."""
     wait_until(lambda: backends(admin, application_name) == expected, timeout)
     return backends(admin, application_name)
+
+
+def in_use(pool: Any) -> int:
+    """Connections the pool has checked out."""
+    return len(pool._used)
+
+
+def rows(admin: Any, table: str) -> list[int]:
+    """The ``x`` values of a test table (see the ``table`` fixture), in order."""
+    with admin.cursor() as cur:
+        cur.execute(f"SELECT x FROM {table} ORDER BY x")
+        return [r[0] for r in cur.fetchall()]
+
+
+def insert(conn: Any, table: str, x: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))

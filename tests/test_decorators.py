@@ -6,7 +6,6 @@ import asyncio
 import gc
 import inspect
 import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,13 +16,9 @@ import pgctx.pool
 from pgctx.decorators import with_connection
 from pgctx.errors import NoActiveConnection
 from pgctx.registry import current_connection, set_default_pool
-from tests.helpers import backends, unique_app, wait_backends
+from tests.helpers import backends, in_use, insert, rows, unique_app, wait_backends
 
 Pool = pgctx.pool.ThreadedConnectionPool
-
-
-def in_use(pool: Any) -> int:
-    return len(pool._used)
 
 
 @pytest.fixture
@@ -39,27 +34,6 @@ def pool(dsn: str, app: str) -> Iterator[Pool]:
     set_default_pool(previous)
     if not p.closed:
         p.closeall()
-
-
-@pytest.fixture
-def table(pg_admin: Any) -> Iterator[str]:
-    name = f"deco_{uuid.uuid4().hex[:12]}"
-    with pg_admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (x int)")
-    yield name
-    with pg_admin.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {name}")
-
-
-def rows(pg_admin: Any, table: str) -> list[int]:
-    with pg_admin.cursor() as cur:
-        cur.execute(f"SELECT x FROM {table} ORDER BY x")
-        return [r[0] for r in cur.fetchall()]
-
-
-def insert(conn: Any, table: str, x: int) -> None:
-    with conn.cursor() as cur:
-        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
 
 
 def test_function_gets_its_connection_and_commits(pool: Pool, pg_admin: Any, table: str) -> None:

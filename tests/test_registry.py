@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,13 +22,9 @@ from pgctx.registry import (
     in_scope,
     set_default_pool,
 )
-from tests.helpers import unique_app
+from tests.helpers import in_use, insert, rows, unique_app
 
 Pool = pgctx.pool.ThreadedConnectionPool
-
-
-def in_use(pool: Any) -> int:
-    return len(pool._used)
 
 
 @pytest.fixture
@@ -38,27 +33,6 @@ def pool(dsn: str) -> Iterator[Pool]:
     yield p
     if not p.closed:
         p.closeall()
-
-
-@pytest.fixture
-def table(pg_admin: Any) -> Iterator[str]:
-    name = f"registry_{uuid.uuid4().hex[:12]}"
-    with pg_admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
-    yield name
-    with pg_admin.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {name}")
-
-
-def rows(pg_admin: Any, table: str) -> list[int]:
-    with pg_admin.cursor() as cur:
-        cur.execute(f"SELECT x FROM {table} ORDER BY x")
-        return [r[0] for r in cur.fetchall()]
-
-
-def insert(conn: Any, table: str, x: int) -> None:
-    with conn.cursor() as cur:
-        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 import pgctx.pool
 from pgctx.errors import NoActiveConnection, ScopeError, TransactionAborted
 from pgctx.savepoint import savepoint
-from tests.helpers import unique_app
+from tests.helpers import insert, rows, unique_app
 
 Pool = pgctx.pool.ThreadedConnectionPool
 
@@ -24,27 +23,6 @@ def pool(dsn: str) -> Iterator[Pool]:
     yield p
     if not p.closed:
         p.closeall()
-
-
-@pytest.fixture
-def table(pg_admin: Any) -> Iterator[str]:
-    name = f"sp_{uuid.uuid4().hex[:12]}"
-    with pg_admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
-    yield name
-    with pg_admin.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {name}")
-
-
-def rows(pg_admin: Any, table: str) -> list[int]:
-    with pg_admin.cursor() as cur:
-        cur.execute(f"SELECT x FROM {table} ORDER BY x")
-        return [r[0] for r in cur.fetchall()]
-
-
-def insert(conn: Any, table: str, x: int) -> None:
-    with conn.cursor() as cur:
-        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
 
 
 def test_caught_error_inside_a_savepoint_does_not_abort_the_unit(

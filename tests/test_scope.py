@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ import pgctx.pool
 from pgctx.errors import ScopeError, TransactionAborted
 from pgctx.registry import current_connection
 from pgctx.scope import ConnectionScopesMixin
-from tests.helpers import backends, unique_app, wait_backends
+from tests.helpers import backends, in_use, insert, rows, unique_app, wait_backends
 
 Pool = pgctx.pool.ThreadedConnectionPool
 
@@ -28,10 +27,6 @@ class Psycopg2Pool(ConnectionScopesMixin, psycopg2.pool.ThreadedConnectionPool):
 
 
 PersistentPool = pgctx.pool.PersistentConnectionPool
-
-
-def in_use(pool: Any) -> int:
-    return len(pool._used)
 
 
 @pytest.fixture
@@ -45,27 +40,6 @@ def pool(dsn: str, app: str) -> Iterator[Pool]:
     yield p
     if not p.closed:
         p.closeall()
-
-
-@pytest.fixture
-def table(pg_admin: Any) -> Iterator[str]:
-    name = f"scope_{uuid.uuid4().hex[:12]}"
-    with pg_admin.cursor() as cur:
-        cur.execute(f"CREATE TABLE {name} (x int PRIMARY KEY)")
-    yield name
-    with pg_admin.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {name}")
-
-
-def rows(pg_admin: Any, table: str) -> list[int]:
-    with pg_admin.cursor() as cur:
-        cur.execute(f"SELECT x FROM {table} ORDER BY x")
-        return [r[0] for r in cur.fetchall()]
-
-
-def insert(conn: Any, table: str, x: int) -> None:
-    with conn.cursor() as cur:
-        cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
 
 
 def pid(conn: Any) -> int:

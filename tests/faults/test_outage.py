@@ -34,30 +34,6 @@ def app() -> str:
     return unique_app("outage")
 
 
-@pytest.fixture(scope="module")
-def module_server() -> Iterator[ThrowawayServer]:
-    """A throwaway server of this module's own, stopped and started by its tests.
-
-    One per module rather than ``private_pg_server`` per test: initdb costs a second or
-    two, a restart a tenth of that. ``server`` makes sure each test finds it running.
-    """
-    try:
-        instance = ThrowawayServer(max_connections=40)
-    except ImportError as exc:
-        pytest.skip(str(exc))
-    with instance:
-        yield instance
-
-
-@pytest.fixture
-def server(module_server: ThrowawayServer, app: str) -> Iterator[ThrowawayServer]:
-    """The module's server, running; started again after a test that left it stopped."""
-    module_server.start()
-    yield module_server
-    module_server.start()
-    module_server.terminate_backends(application_name=app)
-
-
 @pytest.fixture
 def make(app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
     made: list[ThreadedConnectionPool] = []
