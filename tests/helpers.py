@@ -61,3 +61,11 @@ def rows(admin: Any, table: str) -> list[int]:
 def insert(conn: Any, table: str, x: int) -> None:
     with conn.cursor() as cur:
         cur.execute(f"INSERT INTO {table} VALUES (%s)", (x,))
+
+
+def backend_pid(conn: Any) -> int:
+    """The server process id of ``conn``: one real round trip (transaction state unchanged)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+    return int(pid)

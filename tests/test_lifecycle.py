@@ -11,6 +11,7 @@ import pytest
 
 from pgctx.health import check_connection, reset_session
 from pgctx.pool import ThreadedConnectionPool
+from tests import helpers
 from tests.helpers import unique_app, wait_backends, wait_until
 
 
@@ -24,11 +25,9 @@ def make(dsn: str, app: str, minconn: int = 0, maxconn: int = 2, **options: Any)
 
 
 def backend_pid(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
+    pid = helpers.backend_pid(conn)
     conn.rollback()
-    return int(pid)
+    return pid
 
 
 # -- check ------------------------------------------------------------------------------

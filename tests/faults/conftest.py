@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from pgctx.pool import ThreadedConnectionPool
 from pgctx.testing import PgServer, ThrowawayServer
 from tests.faults.proxy import FaultProxy
 
@@ -42,3 +44,22 @@ def server(module_server: ThrowawayServer, app: str) -> Iterator[ThrowawayServer
     yield module_server
     module_server.start()
     module_server.terminate_backends(application_name=app)
+
+
+@pytest.fixture
+def make(app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
+    """``make(target, minconn, maxconn, **options)``: pools for ``app``, closed afterwards.
+
+    Needs an ``app`` fixture in the module.
+    """
+    made: list[ThreadedConnectionPool] = []
+
+    def build(target: str, minconn: int, maxconn: int, **options: Any) -> Any:
+        pool = ThreadedConnectionPool(minconn, maxconn, target, application_name=app, **options)
+        made.append(pool)
+        return pool
+
+    yield build
+    for pool in made:
+        if not pool.closed:
+            pool.closeall()

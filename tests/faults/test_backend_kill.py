@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -20,7 +20,7 @@ from pgctx.health import check_connection, is_disconnect, reset_session
 from pgctx.pool import ThreadedConnectionPool
 from pgctx.testing import PgServer
 from tests.faults.proxy import FaultProxy
-from tests.helpers import backends, unique_app, wait_backends, wait_until
+from tests.helpers import backend_pid, backends, unique_app, wait_backends, wait_until
 
 GENEROUS = 15.0  # seconds; an upper bound for things that take milliseconds
 
@@ -31,27 +31,13 @@ def app() -> str:
 
 
 @pytest.fixture
-def make(dsn: str, app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
-    """Build pools for ``app`` (on the session server unless ``target`` is given)."""
-    made: list[ThreadedConnectionPool] = []
+def make(make: Callable[..., ThreadedConnectionPool], dsn: str) -> Callable[..., Any]:
+    """``make(minconn, maxconn, target=dsn, **options)``, on the session server by default."""
 
     def build(minconn: int, maxconn: int, target: str = dsn, **options: Any) -> Any:
-        pool = ThreadedConnectionPool(minconn, maxconn, target, application_name=app, **options)
-        made.append(pool)
-        return pool
+        return make(target, minconn, maxconn, **options)
 
-    yield build
-    for pool in made:
-        if not pool.closed:
-            pool.closeall()
-
-
-def backend_pid(conn: Any) -> int:
-    """The server's pid for ``conn``, from a real round trip (transaction left as it was)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
-    return int(pid)
+    return build
 
 
 def kill(pg_server: PgServer, app: str, expected: int, pg_admin: Any) -> None:

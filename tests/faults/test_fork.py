@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pgctx.pool import ThreadedConnectionPool
-from tests.helpers import backends, unique_app, wait_backends
+from tests.helpers import backend_pid, backends, unique_app, wait_backends
 
 GENEROUS = 20.0
 
@@ -41,13 +41,6 @@ def pool(dsn: str, app: str) -> Iterator[ThreadedConnectionPool]:
     finally:
         if not p.closed:
             p.closeall()
-
-
-def backend_pid(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
-    return int(pid)
 
 
 class Child:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
@@ -26,9 +26,8 @@ import pytest
 
 from pgctx.errors import PoolTimeout
 from pgctx.health import check_connection, is_disconnect
-from pgctx.pool import ThreadedConnectionPool
 from pgctx.testing import ThrowawayServer
-from tests.helpers import backends, unique_app, wait_backends, wait_until
+from tests.helpers import backend_pid, backends, unique_app, wait_backends, wait_until
 
 BOUND = 10.0  # seconds: a getconn(timeout=1) must end well within this
 MAX_CONNECTIONS = 6
@@ -86,28 +85,6 @@ def full_server(small_server: ThrowawayServer) -> Iterator[tuple[ThrowawayServer
     finally:
         for hog in hogs:
             hog.close()
-
-
-@pytest.fixture
-def make(app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
-    made: list[ThreadedConnectionPool] = []
-
-    def build(target: str, minconn: int, maxconn: int, **options: Any) -> Any:
-        pool = ThreadedConnectionPool(minconn, maxconn, target, application_name=app, **options)
-        made.append(pool)
-        return pool
-
-    yield build
-    for pool in made:
-        if not pool.closed:
-            pool.closeall()
-
-
-def backend_pid(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
-    return int(pid)
 
 
 # -- max_connections -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -23,7 +23,7 @@ from pgctx.health import check_connection
 from pgctx.pool import ThreadedConnectionPool
 from pgctx.testing import ThrowawayServer
 from tests.faults.proxy import FaultProxy
-from tests.helpers import unique_app, wait_until
+from tests.helpers import backend_pid, unique_app, wait_until
 
 GENEROUS = 20.0  # seconds: upper bounds only
 BOUND = 10.0  # a getconn(timeout=1) must end well within this, whatever the fault
@@ -32,28 +32,6 @@ BOUND = 10.0  # a getconn(timeout=1) must end well within this, whatever the fau
 @pytest.fixture
 def app() -> str:
     return unique_app("outage")
-
-
-@pytest.fixture
-def make(app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
-    made: list[ThreadedConnectionPool] = []
-
-    def build(target: str, minconn: int, maxconn: int, **options: Any) -> Any:
-        pool = ThreadedConnectionPool(minconn, maxconn, target, application_name=app, **options)
-        made.append(pool)
-        return pool
-
-    yield build
-    for pool in made:
-        if not pool.closed:
-            pool.closeall()
-
-
-def backend_pid(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
-    return int(pid)
 
 
 def timed_getconn(pool: ThreadedConnectionPool, **kwargs: Any) -> tuple[BaseException, float]:

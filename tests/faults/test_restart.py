@@ -9,7 +9,7 @@ idle connections on its own.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -18,7 +18,7 @@ import pytest
 from pgctx.health import check_connection, is_disconnect
 from pgctx.pool import ThreadedConnectionPool
 from pgctx.testing import ThrowawayServer
-from tests.helpers import unique_app, wait_until
+from tests.helpers import backend_pid, unique_app, wait_until
 
 GENEROUS = 20.0  # seconds: upper bounds only, never a pass/fail sleep
 
@@ -29,25 +29,15 @@ def app() -> str:
 
 
 @pytest.fixture
-def make(server: ThrowawayServer, app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]:
-    made: list[ThreadedConnectionPool] = []
+def make(
+    make: Callable[..., ThreadedConnectionPool], server: ThrowawayServer
+) -> Callable[..., Any]:
+    """``make(minconn, maxconn, **options)`` on this module's server."""
 
     def build(minconn: int, maxconn: int, **options: Any) -> Any:
-        pool = ThreadedConnectionPool(minconn, maxconn, server.dsn, application_name=app, **options)
-        made.append(pool)
-        return pool
+        return make(server.dsn, minconn, maxconn, **options)
 
-    yield build
-    for pool in made:
-        if not pool.closed:
-            pool.closeall()
-
-
-def backend_pid(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
-    return int(pid)
+    return build
 
 
 def fill_idle(pool: ThreadedConnectionPool, n: int) -> set[int]:
