@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+_COMPACT_AT = 256  # rebuild the heap when it holds this many entries, mostly finished
+
 
 class _Guard:
     __slots__ = ("conn", "done", "fired")
@@ -47,7 +49,8 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, _Guard]] = []
+        self._heap: list[tuple[float, int, _Guard]] = []  # finished guards are dropped lazily
+        self._pending = 0  # guards not finished yet
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -56,21 +59,33 @@ class Watchdog:
     def deadline(self, conn: Any, seconds: float) -> Iterator[_Guard]:
         """Within the block, ``conn`` is shut down if ``seconds`` pass first."""
         guard = _Guard(conn)
+        when = time.monotonic() + seconds
         with self._cond:
             self._ensure_thread()
-            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._counter), guard))
-            self._cond.notify()
+            heap = self._heap
+            if len(heap) > _COMPACT_AT and len(heap) > 2 * self._pending:
+                heap[:] = [entry for entry in heap if not entry[2].done]
+                heapq.heapify(heap)
+            # Wake the thread only when this deadline comes first: waking it for
+            # every guarded check would cost more than the check itself.
+            earliest = not heap or when < heap[0][0]
+            heapq.heappush(heap, (when, next(self._counter), guard))
+            self._pending += 1
+            if earliest:
+                self._cond.notify()
         try:
             yield guard
         finally:
             with self._cond:
                 guard.done = True
                 guard.conn = None  # hold no reference once the operation is over
+                self._pending -= 1
 
     def _ensure_thread(self) -> None:
         # (re)start lazily, also in a forked child, where the thread did not survive
         if self._thread is None or self._pid != os.getpid():
             self._heap.clear()
+            self._pending = 0
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="pgctx-watchdog", daemon=True)
             self._thread.start()

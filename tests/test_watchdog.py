@@ -39,3 +39,15 @@ def test_an_operation_within_its_deadline_is_left_alone(dsn: str) -> None:
             assert cur.fetchone() == (2,)
     finally:
         conn.close()
+
+
+def test_finished_guards_do_not_pile_up() -> None:
+    class Conn:
+        def fileno(self) -> int:
+            raise AssertionError("a finished guard must never fire")
+
+    for _ in range(2000):
+        with WATCHDOG.deadline(Conn(), 3600):
+            pass
+    assert WATCHDOG._pending == 0
+    assert len(WATCHDOG._heap) <= 2 * 256 + 1
