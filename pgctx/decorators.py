@@ -199,6 +199,9 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
             with scope as conn:
                 if where is None:
                     return wrapped(*args, **kwargs)
+                if where is _KEYWORD:
+                    kwargs[_CONN] = conn
+                    return wrapped(*args, **kwargs)
                 return _call(wrapped, args, kwargs, conn, where)
         return runner(scope, wrapped, args, kwargs, where)
 
