@@ -16,6 +16,8 @@ RUNS = [
     ("decorators.py", []),
     ("flask_app.py", ["--check"]),
     ("starlette_app.py", ["--check"]),
+    ("replicas.py", ["--two-servers"]),
+    ("prometheus_export.py", []),
 ]
 
 
