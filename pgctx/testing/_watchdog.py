@@ -1,9 +1,10 @@
-"""Watchdog of a ThrowawayServer: ``python _watchdog.py FD DIR...`` (run as a script).
+"""Watchdog of a supervised process: ``python _watchdog.py FD DIR...`` (run as a script).
 
 It holds the read end of a pipe whose only write end is in the process owning the
-server.  The owner writes the current postmaster pid (0 when stopped) on it; EOF means
-the owner ended, normally or killed, and the watchdog then kills that postmaster and its
-children and removes the directories.  It imports nothing from pgctx to start fast.
+server (a ThrowawayServer or PgBouncer, see _process.py).  The owner writes the current
+pid (0 when stopped) on it; EOF means the owner ended, normally or killed, and the
+watchdog then kills that process and its children and removes the directories.  It
+imports nothing from pgctx to start fast.
 """
 
 from __future__ import annotations

@@ -10,22 +10,15 @@ the owning process dies.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, ClassVar
 
 from pgctx.testing._common import ServerError
-from pgctx.testing.server import _UNPRIVILEGED_USER, _WATCHDOG, _clean_env, _free_port
+from pgctx.testing._process import SupervisedProcess, free_port
 
 __all__ = ["PgBouncer", "PgBouncerNotFound", "find_pgbouncer"]
 
@@ -55,33 +48,7 @@ def find_pgbouncer() -> Path:
     )
 
 
-def _user_ids(name: str) -> tuple[int, int]:
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/false", name],
-            check=True,
-            capture_output=True,
-        )
-        entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
-
-
-_live: set[PgBouncer] = set()
-
-
-@atexit.register
-def _close_all() -> None:
-    for bouncer in list(_live):
-        if bouncer._owner_pid == os.getpid():  # a forked child leaves its parent's alone
-            with contextlib.suppress(Exception):
-                bouncer.close()
-
-
-class PgBouncer:
+class PgBouncer(SupervisedProcess):
     """PgBouncer on 127.0.0.1:<free port> for database ``dbname`` of ``host:port``.
 
     ``users`` are the user names clients may log in as (trust: no password);
@@ -90,6 +57,14 @@ class PgBouncer:
     (``server_check_delay`` 30 s, ``query_wait_timeout`` 120 s...), except
     ``server_login_retry`` (1 s).  The port is kept across restarts.
     """
+
+    _KIND = _NAME = "pgbouncer"
+    _STOP_SIGNALS: ClassVar[Mapping[str, signal.Signals]] = {
+        "immediate": signal.SIGTERM,
+        "safe": signal.SIGINT,
+    }
+    _CLOSE_STOP = ("immediate", 10.0)
+    _POLL = 0.02
 
     def __init__(
         self,
@@ -127,29 +102,14 @@ class PgBouncer:
             **{str(k): _setting(v) for k, v in (settings or {}).items()},
         }
         self._target = f"host={host} port={port} dbname={dbname}"
-        self._start_timeout = start_timeout
-        self._ids = _user_ids(_UNPRIVILEGED_USER) if os.geteuid() == 0 else None
-        self._owner_pid = os.getpid()
-        self._lock = threading.RLock()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
-        self._pipe_w: int | None = None
-        self._closed = False
-        self._started = False
         self.host = "127.0.0.1"
-        self.port = _free_port()  # kept across restarts
-        self._root = Path(tempfile.mkdtemp(prefix="pgctx-bouncer-"))
-        self.log_path = self._root / "pgbouncer.log"
-        try:
-            self._start_watchdog()
-            self._write_config()
-            _live.add(self)
-            if start:
-                self.start()
-        except BaseException:
-            self.close()
-            raise
+        self.port = free_port()  # kept across restarts
+        super().__init__(
+            prefix="pgctx-bouncer-",
+            log_name="pgbouncer.log",
+            start_timeout=start_timeout,
+            start=start,
+        )
 
     # -- addresses and state ----------------------------------------------------------
 
@@ -166,19 +126,8 @@ class PgBouncer:
         """DSN of the admin console (SHOW, PAUSE, RESUME, KILL...)."""
         return f"host={self.host} port={self.port} user={self.admin_users[0]} dbname=pgbouncer"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("running" if self.running else "stopped")
-        return f"<PgBouncer {state} port={self.port} -> {self._target}>"
-
-    def __enter__(self) -> PgBouncer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return f"<PgBouncer {self._state} port={self.port} -> {self._target}>"
 
     # -- admin console ----------------------------------------------------------------
 
@@ -214,7 +163,8 @@ class PgBouncer:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def _write_config(self) -> None:
+    def _prepare(self) -> None:
+        """Write pgbouncer.ini and userlist.txt (again after a port change)."""
         lines = ["[databases]", f"{self.dbname} = {self._target}", "", "[pgbouncer]"]
         lines += [f"listen_port = {self.port}"]
         lines += [f"auth_file = {self._root / 'userlist.txt'}"]
@@ -226,155 +176,38 @@ class PgBouncer:
         userlist = self._root / "userlist.txt"
         userlist.write_text("".join(f'"{u}" ""\n' for u in users))
         userlist.chmod(0o600)
-        for path in (self._root, ini, userlist):
-            if self._ids is not None:
+        if self._ids is not None:
+            for path in (ini, userlist):
                 os.chown(path, *self._ids)
 
-    def _start_watchdog(self) -> None:
-        r, w = os.pipe()
-        try:
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", str(_WATCHDOG), str(r), str(self._root)],
-                pass_fds=(r,),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except BaseException:
-            os.close(w)
-            raise
-        finally:
-            os.close(r)
-        self._pipe_w = w
+    def _command(self) -> list[str]:
+        return [str(self._binary), str(self._root / "pgbouncer.ini")]
 
-    def _tell_watchdog(self, pid: int) -> None:
-        if self._pipe_w is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._pipe_w, b"%d\n" % pid)
-
-    def start(self) -> None:
-        """Start pgbouncer (no-op if running) and wait until its admin console answers."""
-        with self._lock:
-            if self._closed:
-                raise ServerError("pgbouncer is closed")
-            if self.running:
-                return
-            if self._log is None:
-                self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by close()
-            kwargs: dict[str, Any] = {"cwd": self._root, "env": _clean_env()}
-            if self._ids is not None:
-                kwargs.update(user=self._ids[0], group=self._ids[1], extra_groups=[])
-            for attempt in range(3):
-                self._proc = subprocess.Popen(
-                    [str(self._binary), str(self._root / "pgbouncer.ini")],
-                    stdin=subprocess.DEVNULL,
-                    stdout=self._log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    **kwargs,
-                )
-                self._tell_watchdog(self._proc.pid)
-                try:
-                    self._wait_ready()
-                    self._started = True
-                    return
-                except ServerError:
-                    # Someone took the port since we picked it: only a first start moves.
-                    if self._started or attempt == 2 or "in use" not in self.log_tail(500):
-                        raise
-                    self.port = _free_port()
-                    self._write_config()
-
-    def _wait_ready(self) -> None:
+    def _ready(self) -> bool:
         import psycopg2
 
-        deadline = time.monotonic() + self._start_timeout
-        while True:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise ServerError(
-                    f"pgbouncer exited with code {self._proc.returncode} while starting; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            try:
-                self.admin("SHOW VERSION")
-                return
-            except psycopg2.Error:
-                if time.monotonic() > deadline:
-                    self._kill()
-                    raise ServerError(
-                        f"pgbouncer not ready after {self._start_timeout:.0f}s; "
-                        f"log tail:\n{self.log_tail()}"
-                    ) from None
-                time.sleep(0.02)
+        try:
+            self.admin("SHOW VERSION")
+        except psycopg2.Error:
+            return False
+        return True
+
+    def _move_port(self) -> bool:
+        if "in use" not in self.log_tail(500):
+            return False
+        self.port = free_port()
+        self._prepare()
+        return True
 
     def stop(self, mode: str = "immediate", timeout: float = 30.0) -> None:
         """Stop: ``immediate`` (SIGTERM: drop every client and server connection at once)
         or ``safe`` (SIGINT: PAUSE, wait for running transactions, then exit)."""
-        sig = {"immediate": signal.SIGTERM, "safe": signal.SIGINT}.get(mode)
-        if sig is None:
-            raise ValueError(f"unknown stop mode {mode!r}; use immediate or safe")
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self._kill()
-                    raise ServerError(
-                        f"pgbouncer did not stop ({mode}) within {timeout:.0f}s; killed it"
-                    ) from None
-            self._proc = None
-            self._tell_watchdog(0)
+        self._stop(mode, timeout)
 
     def restart(self, mode: str = "immediate") -> None:
         with self._lock:
             self.stop(mode)
             self.start()
-
-    def _kill(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
-        self._proc = None
-        self._tell_watchdog(0)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_bytes()[-chars:].decode(errors="replace")
-        except OSError:
-            return "(no log)"
-
-    def close(self) -> None:
-        """Stop pgbouncer, delete its directory and end its watchdog.  Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            _live.discard(self)
-            try:
-                with contextlib.suppress(ServerError):
-                    self.stop("immediate", timeout=10)
-            finally:
-                self._kill()
-                if self._log is not None:
-                    self._log.close()
-                shutil.rmtree(self._root, ignore_errors=True)
-                if self._pipe_w is not None:
-                    os.close(self._pipe_w)
-                    self._pipe_w = None
-                if self._watchdog is not None:
-                    try:
-                        self._watchdog.wait(30)
-                    except subprocess.TimeoutExpired:
-                        self._watchdog.kill()
-                        self._watchdog.wait()
 
 
 def _setting(value: object) -> str:
