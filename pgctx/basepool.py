@@ -237,12 +237,17 @@ class AbstractConnectionPool(PoolCore):
                 "it was taken at:\n%s",
                 age,
                 stack,
+                extra=self._log_fields("leak", pgctx_age=age),
             )
         for done in range(missing):
             try:
                 conn = self._open()
             except Exception:
-                _log.info("could not refill the pool to minconn; will retry", exc_info=True)
+                _log.info(
+                    "could not refill the pool to minconn; will retry",
+                    exc_info=True,
+                    extra=self._log_fields("refill_failed"),
+                )
                 for _ in range(missing - done):
                     self._release_slot()
                 return

@@ -87,6 +87,11 @@ class Lifecycle:
         self.max_idle = _seconds(max_idle, "max_idle")
         self.leak_timeout = _seconds(leak_timeout, "leak_timeout")
         self.info: dict[int, ConnInfo] = {}  # id(conn) -> info, for connections of the pool
+        self.pool_label = "pool"  # set by the pool: names it in log records
+
+    def log_fields(self, event: str, **more: object) -> dict[str, object]:
+        """The structured fields of a log record: ``pgctx_event``, ``pgctx_pool``, more."""
+        return {"pgctx_event": event, "pgctx_pool": self.pool_label, **more}
 
     @property
     def needs_maintenance(self) -> bool:
@@ -153,7 +158,11 @@ class Lifecycle:
                     self.check(conn)
             return True
         except Exception:
-            _log.info("connection failed its check on checkout; discarding it", exc_info=True)
+            _log.info(
+                "connection failed its check on checkout; discarding it",
+                exc_info=True,
+                extra=self.log_fields("check_failed"),
+            )
             return False
 
     def returned(self, conn: Connection, now: float) -> None:
@@ -163,8 +172,11 @@ class Lifecycle:
             return
         info.idle_since = now
         if info.reported:
+            age = now - info.taken_at
             _log.warning(
-                "connection reported as leaked came back after %.1f s", now - info.taken_at
+                "connection reported as leaked came back after %.1f s",
+                age,
+                extra=self.log_fields("leak_returned", pgctx_age=age),
             )
             info.reported = False
 
@@ -176,7 +188,11 @@ class Lifecycle:
             self.reset(conn)
             return True
         except Exception:
-            _log.warning("reset failed on return; discarding the connection", exc_info=True)
+            _log.warning(
+                "reset failed on return; discarding the connection",
+                exc_info=True,
+                extra=self.log_fields("reset_failed"),
+            )
             return False
 
     # -- maintenance ---------------------------------------------------------------

@@ -107,6 +107,9 @@ class PoolCore:
         self._args = args
         self._kwargs = kwargs
         check_connect_arguments(args, kwargs)
+        self._label = f"{type(self).__name__} {describe_target(args, kwargs)}"
+        if self._life is not None:
+            self._life.pool_label = self._label
         self._connect_params = ConnectParams(args, kwargs, self.timeout)
         self._pool: list[Connection] = []  # idle connections; the last returned is reused first
         self._used: dict[Any, Connection] = {}  # key -> checked-out connection
@@ -168,6 +171,10 @@ class PoolCore:
             self._stats.connections_num += 1
             self._stats.connections_ms += (time.monotonic() - started) * 1000
         return conn
+
+    def _log_fields(self, event: str, **more: object) -> dict[str, object]:
+        """Structured fields for pgctx's log records (no password: see describe_target)."""
+        return {"pgctx_event": event, "pgctx_pool": self._label, **more}
 
     def _close(self, conn: Connection) -> None:
         """Close a connection that leaves the pool for good (never under the lock)."""
@@ -286,7 +293,9 @@ class PoolCore:
                     usable = conn.get_transaction_status() == _IDLE
                 except Exception:
                     _log.warning(
-                        "rollback failed on return; discarding the connection", exc_info=True
+                        "rollback failed on return; discarding the connection",
+                        exc_info=True,
+                        extra=self._log_fields("rollback_failed"),
                     )
                     usable = False
             if usable and self._life is not None:
@@ -328,10 +337,7 @@ class PoolCore:
         return False
 
     def _serve_waiter(self, conn: Connection | None) -> bool:
-        """Give ``conn`` (or, if None, a free slot) to the oldest waiter (lock held).
-
-        Returns whether a waiter took it.
-        """
+        """Give ``conn`` (None: a free slot) to the oldest waiter (lock held); True if taken."""
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
@@ -369,18 +375,11 @@ class PoolCore:
     def get_stats(self) -> dict[str, float]:
         """Counters since the pool was created, and the pool's current sizes."""
         with self._lock:
-            stats = self._stats.as_dict()
             # closeall() keeps psycopg2's maps filled, but nothing in them is open
             idle, used = (0, 0) if self.closed else (len(self._pool), len(self._used))
-            stats.update(
-                pool_min=self.minconn,
-                pool_max=self.maxconn,
-                pool_size=idle + used + self._connecting,
-                pool_available=idle,
-                checked_out=used,
-                requests_waiting=len(self._waiters),
+            return self._stats.snapshot(
+                self.minconn, self.maxconn, idle, used, self._connecting, len(self._waiters)
             )
-        return stats
 
     def _maintain(self) -> None:
         """Periodic upkeep run by the maintenance thread (see AbstractConnectionPool)."""

@@ -42,3 +42,18 @@ class PoolStats:
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__slots__}
+
+    def snapshot(
+        self, minconn: int, maxconn: int, idle: int, used: int, connecting: int, waiting: int
+    ) -> dict[str, float]:
+        """The counters plus the pool's current sizes (``get_stats()``)."""
+        stats = self.as_dict()
+        stats.update(
+            pool_min=minconn,
+            pool_max=maxconn,
+            pool_size=idle + used + connecting,
+            pool_available=idle,
+            checked_out=used,
+            requests_waiting=waiting,
+        )
+        return stats

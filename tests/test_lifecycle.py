@@ -328,3 +328,19 @@ def test_policies_under_thread_stress(dsn: str, app: str, pg_admin: Any) -> None
     assert len(pool._life.info) == len(pool._pool)  # no bookkeeping for closed connections
     pool.closeall()
     assert wait_backends(pg_admin, app, 0) == 0
+
+
+def test_log_records_carry_event_and_pool_fields(dsn: str, app: str, caplog: Any) -> None:
+    def broken_reset(conn: Any) -> None:
+        raise RuntimeError("reset failed")
+
+    caplog.set_level(logging.INFO, logger="pgctx")
+    pool = make(dsn + " password=s3cret", app, 1, 1, reset=broken_reset)
+    try:
+        pool.putconn(pool.getconn())
+        record = next(r for r in caplog.records if "reset failed" in r.getMessage())
+        assert record.pgctx_event == "reset_failed"  # type: ignore[attr-defined]
+        label = record.pgctx_pool  # type: ignore[attr-defined]
+        assert "ThreadedConnectionPool" in label and app in label and "s3cret" not in label
+    finally:
+        pool.closeall()
