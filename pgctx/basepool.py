@@ -146,7 +146,7 @@ class AbstractConnectionPool(PoolCore):
         """Wait to be served: a connection, or None for a slot to connect in."""
         assert deadline is not None
         started = time.monotonic()
-        waiter.wait(deadline - started)
+        waiter.wait(max(0.0, deadline - started))  # the deadline may be past (a slow check)
         with self._lock:
             waited = time.monotonic() - started
             self._stats.requests_wait_ms += waited * 1000

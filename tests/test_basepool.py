@@ -401,3 +401,18 @@ def test_thread_stress_keeps_bounds_and_never_shares(
     assert len(pool._used) == 0 and pool._connecting == 0 and len(pool._pool) <= 2
     pool.closeall()
     assert wait_backends(pg_admin, app, 0) == 0
+
+
+def test_a_caller_whose_deadline_passed_gets_pool_timeout(dsn: str, app: str) -> None:
+    """After a slow failed check the deadline may be past: waiting must not blow up."""
+    pool = make(dsn, app, 0, 1, timeout=30)
+    try:
+        held = pool.getconn()
+        with pool._lock:
+            waiter = pool._enqueue("late", time.monotonic() - 1)
+        with pytest.raises(PoolTimeout):
+            pool._await_turn(waiter, 30, time.monotonic() - 1)
+        assert len(pool._waiters) == 0
+        pool.putconn(held)
+    finally:
+        pool.closeall()
