@@ -190,10 +190,7 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
                         return wrapped(*args, **kwargs)
                     where = index
         scope = ConnectionScope(
-            pool if pool is not None else resolve_pool(None),
-            key,
-            close_on_error=close_on_error,
-            separate=separate,
+            pool if pool is not None else resolve_pool(None), key, close_on_error, separate
         )
         if runner is _run_function:  # the hot path, inlined: one block around the call
             with scope as conn:

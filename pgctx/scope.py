@@ -90,7 +90,7 @@ class ConnectionScope:
     _prev: Mapping[Any, Any]
 
     def __init__(
-        self, pool: Any, key: Any = None, *, close_on_error: bool = False, separate: bool = False
+        self, pool: Any, key: Any = None, close_on_error: bool = False, separate: bool = False
     ) -> None:
         self._pool = pool
         self._key = key
@@ -334,7 +334,7 @@ class ConnectionScopesMixin:
         transaction; ``close_on_error=True`` closes rather than returns it on
         any exception.
         """
-        return ConnectionScope(self, key, close_on_error=close_on_error, separate=separate)
+        return ConnectionScope(self, key, close_on_error, separate)  # positional: hot path
 
     def scope(self) -> RequestScope:
         """A lazy connection scope: checked out on first use, put away at its end."""
