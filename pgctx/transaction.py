@@ -7,6 +7,7 @@ away first and then raise it, or attach it to the body's own exception.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pgctx._driver import extensions
@@ -21,13 +22,21 @@ _INERROR = extensions.TRANSACTION_STATUS_INERROR
 
 
 def add_note(exc: BaseException, problem: BaseException) -> None:
-    """Attach ``problem`` to ``exc`` without replacing it (a note on 3.11+)."""
+    """Attach ``problem`` to ``exc`` as a note, without replacing it.
+
+    Python 3.11+ prints notes with the traceback; on 3.10 the note is only kept
+    in ``exc.__notes__``, where 3.11's ``add_note`` would put it.
+    """
+    text = (
+        f"pgctx: putting the connection away after this error also failed with "
+        f"{type(problem).__name__}: {problem}".rstrip()
+    )
     note = getattr(exc, "add_note", None)
     if note is not None:
-        note(
-            f"pgctx: putting the connection away after this error also failed with "
-            f"{type(problem).__name__}: {problem}".rstrip()
-        )
+        note(text)
+        return
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions without a __dict__
+        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
 
 
 def rollback(conn: Any) -> None:

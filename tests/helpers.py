@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -69,3 +70,19 @@ def backend_pid(conn: Any) -> int:
         cur.execute("SELECT pg_backend_pid()")
         (pid,) = cur.fetchone()
     return int(pid)
+
+
+class AsyncBarrier:
+    """``asyncio.Barrier`` for Python 3.10 (it came in 3.11): ``wait()`` returns once
+    ``parties`` tasks are waiting. Single use, which is all the tests need."""
+
+    def __init__(self, parties: int) -> None:
+        self._parties = parties
+        self._arrived = 0
+        self._all_here = asyncio.Event()
+
+    async def wait(self) -> None:
+        self._arrived += 1
+        if self._arrived >= self._parties:
+            self._all_here.set()
+        await self._all_here.wait()

@@ -23,7 +23,7 @@ from starlette.routing import Route  # noqa: E402
 import pgctx.pool  # noqa: E402
 from pgctx.contrib.asgi import ConnectionMiddleware  # noqa: E402
 from pgctx.decorators import with_connection  # noqa: E402
-from tests.helpers import backends, unique_app, wait_backends, wait_until  # noqa: E402
+from tests.helpers import AsyncBarrier, backends, unique_app, wait_backends, wait_until  # noqa: E402
 
 N = 12
 
@@ -45,7 +45,7 @@ def pool(dsn: str, app_name: str) -> Iterator[Pool]:
 
 
 def make_app(pool: Pool) -> Any:
-    gate: dict[str, asyncio.Barrier] = {}
+    gate: dict[str, AsyncBarrier] = {}
 
     @with_connection(pool)
     async def backend_pid(conn: Any) -> int:
@@ -67,7 +67,7 @@ def make_app(pool: Pool) -> Any:
 
     async def concurrent(request: Request) -> JSONResponse:
         first = await backend_pid()
-        barrier = gate.setdefault("b", asyncio.Barrier(N))
+        barrier = gate.setdefault("b", AsyncBarrier(N))
         await asyncio.wait_for(barrier.wait(), 30)  # all requests hold a connection now
         second = await backend_pid()
         return JSONResponse({"first": first, "second": second, "in_use": len(pool._used)})

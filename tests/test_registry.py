@@ -22,7 +22,7 @@ from pgctx.registry import (
     in_scope,
     set_default_pool,
 )
-from tests.helpers import in_use, insert, rows, unique_app
+from tests.helpers import AsyncBarrier, in_use, insert, rows, unique_app
 
 Pool = pgctx.pool.ThreadedConnectionPool
 
@@ -194,14 +194,14 @@ def test_separate_children_run_concurrently_on_their_own_connections(
     pool: Pool, pg_admin: Any, table: str
 ) -> None:
     @with_connection(pool, separate=True)
-    async def child(n: int, both: asyncio.Barrier, conn: Any) -> int:
+    async def child(n: int, both: AsyncBarrier, conn: Any) -> int:
         insert(conn, table, n)
         await both.wait()  # both inside their blocks at the same time
         return int(conn.get_backend_pid())
 
     async def main() -> None:
         with pool.connection() as conn:
-            both = asyncio.Barrier(2)
+            both = AsyncBarrier(2)
             pids = await asyncio.wait_for(asyncio.gather(child(1, both), child(2, both)), 30)
             assert len(set(pids)) == 2 and conn.get_backend_pid() not in pids
 
