@@ -11,6 +11,7 @@ thread can ever see it.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -96,6 +97,8 @@ class PersistentConnectionPool(AbstractConnectionPool):
             if conn is None or self.closed:
                 return
             self._forget(key, conn)
+            if self._life is not None:
+                self._life.returned(conn, time.monotonic())
             reusable = (
                 not conn.closed
                 and conn.get_transaction_status() == extensions.TRANSACTION_STATUS_IDLE

@@ -324,10 +324,10 @@ class PoolCore:
     def _give_back(self, conn: Connection) -> bool:
         """Hand a clean connection to the oldest waiter or keep it idle (lock held).
 
-        Returns False if the pool has no use for it (the caller closes it).
+        Returns False if the pool has no use for it (the caller closes it). The
+        connection's idle clock is the caller's business: putconn starts it, and a
+        new connection's starts when it is opened.
         """
-        if self._life is not None:
-            self._life.returned(conn, time.monotonic())
         if self._waiters and self._serve_waiter(conn):
             return True
         if len(self._pool) < self._idle_limit():
