@@ -407,7 +407,7 @@ def test_as_root_nobody_serves_when_no_account_can_be_made(
 @as_root
 @pytest.mark.parametrize("tools", ["none", "failing"])
 def test_as_root_no_account_error_names_the_fixes(
-    monkeypatch: pytest.MonkeyPatch, account_choice: str, tools: str
+    monkeypatch: pytest.MonkeyPatch, account_choice: str, tools: str, tmp_path: Path
 ) -> None:
     """No account found or made: the error says what was tried and what to do."""
     import pwd
@@ -429,7 +429,7 @@ def test_as_root_no_account_error_names_the_fixes(
         real_chown(path, uid, gid, **kwargs)
 
     monkeypatch.setattr(os, "chown", chown)
-    before = set(Path(tempfile.gettempdir()).glob("pgctx-*"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # probes and servers go here
     with pytest.raises(common_mod.ServerError) as caught:
         ThrowawayServer()
     message = str(caught.value)
@@ -444,7 +444,7 @@ def test_as_root_no_account_error_names_the_fixes(
     if nobody_uid is not None:
         assert "'nobody' cannot own a data directory here" in message
         assert "Invalid argument" in message
-    assert set(Path(tempfile.gettempdir()).glob("pgctx-*")) == before  # nothing left behind
+    assert list(tmp_path.iterdir()) == []  # no probe or server directory left behind
 
 
 def _account_names() -> set[str]:
