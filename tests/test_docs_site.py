@@ -9,9 +9,8 @@
 - The home page and the API page load in headless Chromium without a JavaScript error,
   a failed console assertion or a failed request for one of the site's own files.
 
-The browser is driven through the DevTools protocol over a pipe
-(``--remote-debugging-pipe``): events are structured (``Runtime.exceptionThrown``,
-``Log.entryAdded``...), so nothing depends on the wording of Chromium's log lines, and
+The browser is driven through the DevTools protocol over a pipe (tests/browser.py):
+events are structured, so nothing depends on the wording of Chromium's log lines, and
 the page is read when Chromium reports the network idle, not after a fixed sleep.
 Requests to other hosts (web fonts, the GitHub API) are made to fail in every run, so
 that the result does not depend on the machine's network. Without Chromium those tests
@@ -21,16 +20,13 @@ are skipped, except when ``CI`` is set (then they fail): ``apt-get install -y ch
 from __future__ import annotations
 
 import ast
-import fcntl
 import functools
 import http.server
 import importlib
 import importlib.util
 import inspect
-import json
 import os
 import pkgutil
-import queue
 import re
 import shutil
 import subprocess
@@ -38,27 +34,16 @@ import sys
 import threading
 import zlib
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from tests.browser import BROWSER_TIMEOUT, Browser, load_page, page_errors
+from tests.html_tree import Element, parse_html
+
 ROOT = Path(__file__).resolve().parent.parent
-BROWSER_TIMEOUT = 60.0  # seconds; never reached when things work
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Other hosts (web fonts, the GitHub API) fail the same way with and without a network.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
 
 # The modules whose public names the API page documents; contrib modules and the
 # public modules of pgctx.testing are found on disk, so a new one must be documented.
@@ -76,80 +61,6 @@ PUBLIC_MODULES = [
 
 # What the API page showed when griffe inspected the modules at run time.
 UNWANTED = ("__cached__", "__file__", "__path__", "__all__", "__slots__", "__module__", "__doc__")
-
-
-# -- reading HTML ------------------------------------------------------------------------
-
-
-class Element:
-    """An HTML element: tag, attributes, children (elements and text)."""
-
-    def __init__(self, tag: str, attrs: dict[str, str], parent: Element | None) -> None:
-        self.tag = tag
-        self.attrs = attrs
-        self.parent = parent
-        self.children: list[Element | str] = []
-
-    @property
-    def classes(self) -> set[str]:
-        return set(self.attrs.get("class", "").split())
-
-    def iter(self) -> Iterator[Element]:
-        yield self
-        for child in self.children:
-            if isinstance(child, Element):
-                yield from child.iter()
-
-    def find_all(self, tag: str | None = None, cls: str | None = None) -> list[Element]:
-        return [
-            e
-            for e in self.iter()
-            if (tag is None or e.tag == tag) and (cls is None or cls in e.classes)
-        ]
-
-    def text(self, skip: tuple[str, ...] = ()) -> str:
-        """The text inside, leaving out the subtrees of elements with a class in *skip*."""
-        parts: list[str] = []
-        for child in self.children:
-            if isinstance(child, str):
-                parts.append(child)
-            elif not child.classes.intersection(skip) and child.tag not in ("script", "style"):
-                parts.append(child.text(skip))
-        return " ".join(" ".join(parts).split())
-
-
-class _TreeBuilder(HTMLParser):
-    VOID = frozenset(
-        "area base br col embed hr img input link meta source track wbr".split()  # noqa: SIM905
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Element("#document", {}, None)
-        self._open = self.root
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        element = Element(tag, {k: v or "" for k, v in attrs}, self._open)
-        self._open.children.append(element)
-        if tag not in self.VOID:
-            self._open = element
-
-    def handle_endtag(self, tag: str) -> None:
-        node: Element | None = self._open
-        while node is not None and node.tag != tag:
-            node = node.parent
-        if node is not None and node.parent is not None:  # else: a stray end tag
-            self._open = node.parent
-
-    def handle_data(self, data: str) -> None:
-        self._open.children.append(data)
-
-
-def parse_html(path: Path) -> Element:
-    builder = _TreeBuilder()
-    builder.feed(path.read_text(encoding="utf-8"))
-    builder.close()
-    return builder.root
 
 
 # -- the site ----------------------------------------------------------------------------
@@ -414,144 +325,6 @@ def served(site: Path) -> Iterator[str]:
         thread.join(BROWSER_TIMEOUT)
 
 
-class Browser:
-    """Headless Chromium driven through the DevTools protocol on fds 3 and 4."""
-
-    def __init__(self, executable: str, user_data_dir: Path) -> None:
-        # Chromium reads commands on fd 3 and writes replies and events on fd 4. The
-        # child's ends are first moved to fds >= 5, then a small Python trampoline
-        # renumbers them (subprocess cannot) and execs Chromium.
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
-        child_ends = [
-            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (to_chrome_r, from_chrome_w)
-        ]
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        trampoline = (
-            "import os, sys; a, b = int(sys.argv[1]), int(sys.argv[2]); "
-            "os.dup2(a, 3); os.dup2(b, 4); os.close(a); os.close(b); "
-            "os.execvp(sys.argv[3], sys.argv[3:])"
-        )
-        self.log = user_data_dir.with_name(user_data_dir.name + ".log")
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    trampoline,
-                    *map(str, child_ends),
-                    executable,
-                    *CHROMIUM_FLAGS,
-                    f"--user-data-dir={user_data_dir}",
-                    "--remote-debugging-pipe",
-                    "about:blank",
-                ],
-                pass_fds=child_ends,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        for fd in child_ends:
-            os.close(fd)
-        self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def _read(self) -> None:
-        buffer = b""
-        with os.fdopen(self._from_chrome, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(1 << 16):
-                buffer += chunk
-                *messages, buffer = buffer.split(b"\0")
-                for message in messages:
-                    self._messages.put(json.loads(message))
-        self._messages.put(None)
-
-    def _next(self) -> dict[str, Any]:
-        try:
-            message = self._messages.get(timeout=BROWSER_TIMEOUT)
-        except queue.Empty:
-            raise AssertionError(f"chromium said nothing for {BROWSER_TIMEOUT} s") from None
-        if message is None:
-            log = self.log.read_text(errors="replace")[-4000:]
-            raise AssertionError(f"chromium exited ({self.process.wait()}):\n{log}")
-        return message
-
-    def send(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
-        """Send a command and wait for its reply; events meanwhile go to ``events``."""
-        self._next_id += 1
-        command: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
-        if session is not None:
-            command["sessionId"] = session
-        os.write(self._to_chrome, json.dumps(command).encode() + b"\0")
-        while True:
-            message = self._next()
-            if message.get("id") == self._next_id:
-                assert "error" not in message, f"{method}: {message['error']}"
-                return message["result"]  # type: ignore[no-any-return]
-            self.events.append(message)
-
-    def wait_for(self, method: str, **expected: Any) -> dict[str, Any]:
-        """The first event *method* whose params include *expected*, past or coming."""
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                params = event.get("params", {})
-                if event.get("method") == method and expected.items() <= params.items():
-                    return params  # type: ignore[no-any-return]
-            seen = len(self.events)
-            self.events.append(self._next())
-
-    def close(self) -> None:
-        try:
-            if self.process.poll() is None:
-                self.send("Browser.close")
-            self.process.wait(BROWSER_TIMEOUT)
-        except (AssertionError, OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait(BROWSER_TIMEOUT)
-        finally:
-            os.close(self._to_chrome)
-            self._reader.join(BROWSER_TIMEOUT)
-
-
-def _load(browser: Browser, url: str) -> tuple[str, list[dict[str, Any]]]:
-    """Open *url* in a new tab, wait until its network is idle; return (session, events)."""
-    target = browser.send("Target.createTarget", url="about:blank")["targetId"]
-    session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-    for domain in ("Runtime", "Log", "Page"):
-        browser.send(f"{domain}.enable", session)
-    browser.send("Page.setLifecycleEventsEnabled", session, enabled=True)
-    start = len(browser.events)
-    loader = browser.send("Page.navigate", session, url=url)
-    assert "errorText" not in loader, f"{url}: {loader['errorText']}"
-    browser.wait_for("Page.lifecycleEvent", name="networkIdle", loaderId=loader["loaderId"])
-    return session, [e for e in browser.events[start:] if e.get("sessionId") == session]
-
-
-def _errors(events: list[dict[str, Any]], origin: str) -> list[str]:
-    """JavaScript exceptions, console errors and failed loads of the site's own files."""
-    errors = []
-    for event in events:
-        method, params = event.get("method"), event.get("params", {})
-        if method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            errors.append(f"uncaught: {details.get('exception', {}).get('description', details)}")
-        elif method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            values = [a.get("value", a.get("description")) for a in params["args"]]
-            errors.append(f"console.{params['type']}: {values}")
-        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
-            entry = params["entry"]
-            url = entry.get("url", "")
-            if entry["source"] == "network" and url and not url.startswith(origin):
-                continue  # another host, unreachable on purpose (see --host-resolver-rules)
-            errors.append(f"{entry['source']}: {entry['text']} {url}")
-    return errors
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     executable = _find_chromium()
@@ -564,8 +337,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 
 @pytest.mark.parametrize("path", ["", "api/"], ids=["home", "api"])
 def test_page_loads_in_chromium_without_errors(browser: Browser, served: str, path: str) -> None:
-    session, events = _load(browser, served + path)
-    assert not _errors(events, served), f"/{path}: {_errors(events, served)}"
+    session, events = load_page(browser, served + path)
+    assert not page_errors(events, served), f"/{path}: {page_errors(events, served)}"
     # The page rendered, and the theme's JavaScript ran (it defines document$).
     probe = browser.send(
         "Runtime.evaluate",
