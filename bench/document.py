@@ -52,7 +52,7 @@ def render(res: dict[str, Any], images: dict[str, str]) -> str:
         "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
     ]
     out += [f"- {note}" for note in m["notes"]]
-    out += ["", "### Targets (issue 5)", "", targets_table(res), ""]
+    out += ["", "### Targets", "", targets_table(res), ""]
     if "tight" in res:
         a = res["tight"]
         out += [

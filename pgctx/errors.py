@@ -10,6 +10,11 @@ from __future__ import annotations
 from pgctx._driver import psycopg2_pool
 
 PoolError = psycopg2_pool.PoolError
+"""``psycopg2.pool.PoolError`` itself: ``except`` clauses written for psycopg2 keep matching.
+
+Raised, as in psycopg2, for an exhausted or closed pool and for a connection put back
+under an unknown key; ``PoolTimeout`` and ``TooManyWaiters`` subclass it.
+"""
 
 
 class PoolTimeout(PoolError):

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pgctx.testing
+import pgctx.testing._account as account_mod
 import pgctx.testing._common as common_mod
 import pgctx.testing.server as server_mod
 from pgctx.testing import (
@@ -290,3 +298,200 @@ def test_plugin_fixtures(
     assert pg_admin.autocommit
     assert scalar(pg_admin, "SELECT current_setting('application_name')") == "pgctx-test-admin"
     assert pgctx.testing.__all__
+
+
+# -- the account the server runs as, when the tests run as root -----------------------
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root needs another account")
+
+ACCOUNT_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    import psutil
+    import pgctx.testing._account as account
+    account.ACCOUNT = sys.argv[1]  # an account that does not exist yet
+    from pgctx.testing import ThrowawayServer
+    with ThrowawayServer() as server:
+        conn = server.connect()
+        cur = conn.cursor()
+        cur.execute("SELECT current_setting('data_directory'), pg_backend_pid()")
+        data_dir, backend = cur.fetchone()
+        conn.close()
+        print(json.dumps({"data_owner": os.stat(data_dir).st_uid,
+                          "backend_uid": psutil.Process(backend).uids().real,
+                          "path": os.environ["PATH"]}))
+    """
+)
+
+
+def _remove_account(name: str) -> None:
+    """Delete OS account *name* (and its group) if it exists: userdel, else deluser."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return
+    search = os.pathsep.join(account_mod.TOOL_DIRS)
+    for tool in ("userdel", "deluser"):
+        found = shutil.which(tool, path=search)
+        if found:
+            subprocess.run([found, name], check=True, capture_output=True, timeout=60)
+            return
+    pytest.fail(f"made OS account {name!r} but found no userdel or deluser to remove it")
+
+
+@pytest.fixture
+def fresh_account() -> Iterator[str]:
+    """A name no OS account has; the account is deleted after the test if it was made."""
+    name = f"pgctx_t_{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        _remove_account(name)
+
+
+@pytest.fixture
+def account_choice(monkeypatch: pytest.MonkeyPatch, fresh_account: str) -> str:
+    """This process chooses its account afresh, and its own account does not exist."""
+    monkeypatch.setattr(account_mod, "_chosen", None)
+    monkeypatch.setattr(account_mod, "ACCOUNT", fresh_account)
+    return fresh_account
+
+
+@as_root
+def test_as_root_the_server_starts_with_a_path_without_sbin(fresh_account: str) -> None:
+    """cron, ``env -i`` and CI runners give PATH=/usr/bin:/bin: useradd is not on it."""
+    if not account_mod.find_user_tools():
+        pytest.skip("no useradd or adduser on this machine: nothing can make an account")
+    res = subprocess.run(
+        [sys.executable, "-c", ACCOUNT_CHILD, fresh_account],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    import pwd
+
+    made = pwd.getpwnam(fresh_account)  # made by useradd/adduser found outside PATH
+    info = json.loads(res.stdout)
+    assert info == {"data_owner": made.pw_uid, "backend_uid": made.pw_uid, "path": "/usr/bin:/bin"}
+
+
+@as_root
+def test_as_root_nobody_serves_when_no_account_can_be_made(
+    monkeypatch: pytest.MonkeyPatch, account_choice: str
+) -> None:
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
+    problem = account_mod._cannot_own_files(nobody)
+    if problem is not None:
+        pytest.skip(f"'nobody' cannot own files on this machine: {problem}")
+    monkeypatch.setattr(account_mod, "find_user_tools", list)  # as on BusyBox without adduser
+    with ThrowawayServer() as server:
+        assert server.pid is not None
+        assert psutil.Process(server.pid).uids().real == nobody.pw_uid
+        assert server.data_dir.stat().st_uid == nobody.pw_uid
+        with server.connect() as conn:
+            assert scalar(conn, "SELECT 1") == 1
+        conn.close()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(account_choice)
+
+
+@as_root
+@pytest.mark.parametrize("tools", ["none", "failing"])
+def test_as_root_no_account_error_names_the_fixes(
+    monkeypatch: pytest.MonkeyPatch, account_choice: str, tools: str, tmp_path: Path
+) -> None:
+    """No account found or made: the error says what was tried and what to do."""
+    import pwd
+
+    if tools == "none":
+        monkeypatch.setattr(account_mod, "find_user_tools", list)
+    else:
+        if not account_mod.find_user_tools():
+            pytest.skip("no useradd or adduser on this machine")
+        # A name useradd and adduser refuse: the real tool runs, and fails.
+        monkeypatch.setattr(account_mod, "ACCOUNT", "pgctx bad name")
+    # nobody cannot own files where a user namespace does not map it: chown fails so.
+    nobody_uid = pwd.getpwnam("nobody").pw_uid if "nobody" in _account_names() else None
+    real_chown = os.chown
+
+    def chown(path: Any, uid: int, gid: int, **kwargs: Any) -> None:
+        if uid == nobody_uid:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        real_chown(path, uid, gid, **kwargs)
+
+    monkeypatch.setattr(os, "chown", chown)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # probes and servers go here
+    with pytest.raises(common_mod.ServerError) as caught:
+        ThrowawayServer()
+    message = str(caught.value)
+    assert "refuses to run as root" in message
+    assert "useradd --system --no-create-home" in message  # how to make the account
+    assert "other than root" in message
+    assert "PGCTX_TEST_DSN=" in message
+    if tools == "none":
+        assert "no useradd or adduser, on PATH or in /usr/sbin" in message
+    else:
+        assert "pgctx bad name" in message and "failed (" in message
+    if nobody_uid is not None:
+        assert "'nobody' cannot own a data directory here" in message
+        assert "Invalid argument" in message
+    assert list(tmp_path.iterdir()) == []  # no probe or server directory left behind
+
+
+def _account_names() -> set[str]:
+    import pwd
+
+    return {entry.pw_name for entry in pwd.getpwall()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_user_tools_are_found_on_path_first_then_in_sbin(data: st.DataObject) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        runnable, unrunnable = Path(tmp, "runnable"), Path(tmp, "unrunnable")
+        for folder, mode in ((runnable, 0o755), (unrunnable, 0o644)):
+            folder.mkdir()
+            for tool in ("useradd", "adduser"):
+                (folder / tool).write_text("#!/bin/sh\n")
+                (folder / tool).chmod(mode)
+        pool = [str(runnable), str(unrunnable), "/nonexistent", "/usr/bin", "/bin"]
+        path = data.draw(st.lists(st.sampled_from(pool), max_size=6))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PATH", os.pathsep.join(path))
+            found = account_mod.find_user_tools()
+        for tool in ("useradd", "adduser"):
+            on_path = shutil.which(tool, path=os.pathsep.join(path))
+            elsewhere = shutil.which(tool, path=os.pathsep.join(account_mod.TOOL_DIRS))
+            expected = on_path or elsewhere
+            chosen = [p for p in found if p.name == tool]
+            assert chosen == ([Path(expected)] if expected else [])
+            if str(runnable) in path and on_path is not None:
+                assert Path(on_path).parent == runnable  # PATH wins over the sbin dirs
+        assert all(os.access(p, os.X_OK) for p in found)
+
+
+def test_user_add_command_speaks_each_tool(tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_text("")
+    (tmp_path / "adduser").symlink_to(busybox)
+    debian = tmp_path / "debian" / "adduser"
+    debian.parent.mkdir()
+    debian.write_text("")
+    assert account_mod.user_add_command(Path("/usr/sbin/useradd"), "pg") == [
+        "/usr/sbin/useradd", "--system", "--no-create-home", "--shell", "/bin/false", "pg",
+    ]  # fmt: skip
+    assert account_mod.user_add_command(tmp_path / "adduser", "pg")[1:] == [
+        "-S", "-D", "-H", "-s", "/bin/false", "pg",
+    ]  # fmt: skip
+    assert account_mod.user_add_command(debian, "pg")[1:] == [
+        "--system", "--no-create-home", "--shell", "/bin/false", "--group", "pg",
+    ]  # fmt: skip

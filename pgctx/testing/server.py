@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from pgctx.testing._account import make_traversable
 from pgctx.testing._common import PgServer, ServerError
-from pgctx.testing._process import SupervisedProcess, make_traversable
+from pgctx.testing._process import SupervisedProcess
 from pgctx.testing._process import free_port as _free_port
 
 __all__ = ["ThrowawayServer"]
