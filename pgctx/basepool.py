@@ -330,25 +330,30 @@ class AbstractConnectionPool(PoolCore):
 
     # -- psycopg2's hooks ------------------------------------------------------------
     # Subclasses in the wild call or override these. The pool itself uses them only
-    # when a subclass overrides them (see pgctx.hooks). They can be called with the
-    # lock held, as psycopg2's ThreadedConnectionPool does; they let go of it while
-    # they wait, connect or roll back, and hold it again when they return.
+    # when a subclass overrides them (see pgctx.hooks). Called with the lock held, as
+    # psycopg2's ThreadedConnectionPool calls them, they keep it all along as
+    # psycopg2's do, so that an override's code around super() sees no other thread's
+    # work in between; but a _getconn that may wait (a pool with a timeout) lets go
+    # of it meanwhile, like Condition.wait, or no connection could come back.
 
     def _getconn(self, key: Any = None) -> Connection:
         """Get a free connection and assign it to ``key`` (or a new automatic key)."""
         timeouts = self._getconn_timeouts
         timeout = timeouts.get(threading.get_ident(), self.timeout) if timeouts else self.timeout
+        checkout = (
+            _checkout_with_getkey
+            if "_getkey" in self._overridden_hooks
+            else AbstractConnectionPool._checkout
+        )
+        if timeout is None:
+            return checkout(self, key, timeout)
         with released(self._lock):
-            if "_getkey" in self._overridden_hooks:
-                return _checkout_with_getkey(self, key, timeout)
-            return AbstractConnectionPool._checkout(self, key, timeout)
+            return checkout(self, key, timeout)
 
     def _putconn(self, conn: Connection, key: Any = None, close: bool = False) -> None:
-        """Put away a connection (pgctx's putconn, whoever overrides it)."""
-        with released(self._lock):
-            PoolCore.putconn(self, conn, key, close)
+        """Put away a connection."""
+        PoolCore.putconn(self, conn, key, close)
 
     def _closeall(self) -> None:
         """Close all connections, even those in use."""
-        with released(self._lock):
-            PoolCore.closeall(self)
+        PoolCore.closeall(self)

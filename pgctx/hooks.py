@@ -29,6 +29,7 @@ HOOKS = ("_connect", "_getkey", "_getconn", "_putconn", "_closeall")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _ROUTES: set[Callable[..., Any]] = set()  # the replacements install_routes may put on a class
+_NOT_FOUND: Any = object()
 
 
 def route(func: _F) -> _F:
@@ -40,9 +41,8 @@ def route(func: _F) -> _F:
 class released:  # lower case: used like a function, ``with released(lock):``
     """Let go of ``lock`` for the block if this thread holds it, as ``Condition.wait`` does.
 
-    pgctx's own hook implementations run with the pool's lock held when psycopg2-style
-    code calls them under it; they must not wait for a connection or talk to the server
-    while holding it (the connection being waited for could never come back).
+    psycopg2-style code calls ``_getconn`` with the pool's lock held; waiting there
+    for a connection while holding it would wait for one that can never come back.
     """
 
     __slots__ = ("_lock", "_state")
@@ -144,6 +144,7 @@ def open_through_connect(pool: Any, key: Any) -> Connection:
     started = time.monotonic()
     with pool._lock:  # the override may touch _pool/_used, and psycopg2 holds it there
         opened, failed = stats.connections_num, stats.connections_errors
+        before = _NOT_FOUND if key is None else pool._used.get(key, _NOT_FOUND)
         try:
             conn: Connection = pool._connect() if key is None else pool._connect(key)
         except BaseException:
@@ -151,11 +152,12 @@ def open_through_connect(pool: Any, key: Any) -> Connection:
                 stats.connections_errors += 1
             raise
         if conn is None:
+            stats.connections_errors += 1
             raise TypeError(
                 f"{type(pool).__qualname__}._connect() returned None: it must return the "
                 "connection it opened, as psycopg2's _connect() does"
             )
-        _take_back(pool, conn, key)
+        _take_back(pool, conn, key, before)
         if stats.connections_num == opened:  # not through pgctx's _connect: do its part
             if pool._life is not None:
                 try:
@@ -169,10 +171,13 @@ def open_through_connect(pool: Any, key: Any) -> Connection:
     return conn
 
 
-def _take_back(pool: Any, conn: Connection, key: Any) -> None:
-    """Undo the registration psycopg2's ``_connect`` contract asks of the override."""
+def _take_back(pool: Any, conn: Connection, key: Any, before: Any) -> None:
+    """Undo the registering psycopg2's ``_connect`` does (``before``: what ``key`` held)."""
     if key is not None and pool._used.get(key) is conn:
-        del pool._used[key]
+        if before is _NOT_FOUND:  # (a concurrent caller with the same key may have one)
+            del pool._used[key]
+        else:
+            pool._used[key] = before
     if pool._rused.get(id(conn), _NOT_FOUND) is not _NOT_FOUND:
         del pool._rused[id(conn)]
     idle = pool._pool
@@ -181,7 +186,5 @@ def _take_back(pool: Any, conn: Connection, key: Any) -> None:
             del idle[i]
             break
 
-
-_NOT_FOUND = object()
 
 __all__ = ["HOOKS", "install_routes", "open_through_connect", "released", "route"]
