@@ -44,6 +44,13 @@ class _Holder:
         self.key = key
 
 
+_NOT_THIS_THREADS = (
+    "trying to put a connection this thread does not hold: each thread "
+    "must put back only the connection its own getconn() returned"
+)
+_HOLDS_NONE = "this thread holds no connection from the pool: call getconn() first"
+
+
 def _release_dead_thread(pool_ref: weakref.ref[PersistentConnectionPool], key: ThreadKey) -> None:
     pool = pool_ref()
     if pool is not None:
@@ -57,7 +64,12 @@ def _putconn_through_hook(
     """putconn of a subclass overriding ``_putconn``: called under the lock, as in psycopg2 2.7."""
     key = self._thread_key()
     with self._lock:
-        self._putconn(self._thread_conn(key, conn), key, close)  # type: ignore[arg-type]
+        held = self._used.get(key)  # the checks of PersistentConnectionPool.putconn
+        if not self.closed and conn is not None and held is not conn:
+            raise PoolError(_NOT_THIS_THREADS)
+        if not self.closed and held is None:
+            raise PoolError(_HOLDS_NONE)
+        self._putconn(held, key, close)  # type: ignore[arg-type]
 
 
 class PersistentConnectionPool(AbstractConnectionPool):
@@ -90,20 +102,12 @@ class PersistentConnectionPool(AbstractConnectionPool):
         """Put away the calling thread's connection (``conn`` defaults to it)."""
         key = self._thread_key()
         with self._lock:
-            held = self._thread_conn(key, conn)
+            held = self._used.get(key)
+            if not self.closed and conn is not None and held is not conn:
+                raise PoolError(_NOT_THIS_THREADS)
+            if not self.closed and held is None:
+                raise PoolError(_HOLDS_NONE)
         super().putconn(held, key, close)
-
-    def _thread_conn(self, key: ThreadKey, conn: Connection | None) -> Connection | None:
-        """The connection the calling thread puts back (lock held): ``conn`` or its own."""
-        held = self._used.get(key)
-        if not self.closed and conn is not None and held is not conn:
-            raise PoolError(
-                "trying to put a connection this thread does not hold: each thread "
-                "must put back only the connection its own getconn() returned"
-            )
-        if not self.closed and held is None:
-            raise PoolError("this thread holds no connection from the pool: call getconn() first")
-        return held
 
     def _reclaim(self, key: ThreadKey) -> None:
         """Take back the connection of a thread that has ended."""
