@@ -342,10 +342,11 @@ def test_code_calling_getconn_under_the_lock_can_wait(dsn: str, app: str, pools:
     held = pool.getconn()
 
     def locked_getconn() -> Any:
-        with pool._lock:
+        with pool._lock, pool._lock:  # held twice: let go of entirely, then held twice again
             conn = pool._getconn()
-            assert pool._lock._is_owned()  # held again when _getconn returns
-            return conn
+            assert pool._lock._is_owned()
+        assert not pool._lock._is_owned()
+        return conn
 
     assert run_in_thread_when(pool, locked_getconn, lambda: pool.putconn(held)) is held
     pool.putconn(held)
@@ -525,6 +526,44 @@ def test_interrupt_in_connect_override_leaves_the_pool_consistent(
     assert lock_is_free(pool)
     pool.fail = False
     pool.putconn(pool.getconn())
+
+
+def test_interrupt_while_the_lock_is_let_go_of(dsn: str, app: str, pools: list[Any]) -> None:
+    # An interrupt inside pgctx's _getconn (here in a connect, with the lock let go
+    # of for the wait) leaves the lock as the caller had it, and the pool usable.
+    failures = [Interrupt()]
+
+    def configure(conn: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    cls = recording_subclass(pgctx.pool.ThreadedConnectionPool, frozenset({"_getconn"}))
+    pool = cls(0, 1, dsn, application_name=app, timeout=GENEROUS, configure=configure)
+    pools.append(pool)
+    with pytest.raises(Interrupt):
+        pool.getconn()
+    assert not pool._lock._is_owned() and lock_is_free(pool)
+    assert (pool._getconn_timeouts, pool._connecting, len(pool._used)) == ({}, 0, 0)
+    pool.putconn(pool.getconn())
+
+
+def test_abstract_pool_subclass_getconn_goes_through_its_getconn(
+    dsn: str, pools: list[Any]
+) -> None:
+    # psycopg2's AbstractConnectionPool has no getconn; pgctx's routes like Threaded's.
+    cls = recording_subclass(pgctx.pool.AbstractConnectionPool, frozenset(HOOKS))
+    pool = cls(0, 1, dsn)
+    pools.append(pool)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    pool.closeall()
+    assert [hook for hook, _, _ in pool.hook_log] == [
+        "_getconn",
+        "_getkey",
+        "_connect",
+        "_putconn",
+        "_closeall",
+    ]
 
 
 @pytest.mark.parametrize("module", MODULES)
