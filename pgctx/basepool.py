@@ -36,8 +36,10 @@ _NO_TIMEOUT: Any = object()
 def _checkout_through_getconn(self: Any, key: Any, timeout: float | None) -> Connection:
     """getconn of a class overriding ``_getconn``: ``self._getconn(key)`` under the lock."""
     with self._lock:
-        # the per-call timeout, for pgctx's own _getconn (the override does not pass it)
         timeouts = self._getconn_timeouts
+        if timeout is self.timeout and not timeouts:  # the pool's own: _getconn knows it
+            return self._getconn(key)  # type: ignore[no-any-return]
+        # a per-call timeout, for pgctx's own _getconn (the override does not pass it)
         if timeouts is None:
             timeouts = self._getconn_timeouts = {}
         ident = threading.get_ident()

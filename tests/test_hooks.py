@@ -360,7 +360,7 @@ def test_per_call_timeout_reaches_pgctx_getconn(dsn: str, app: str, pools: list[
     # Without the per-call timeout, this would wait 300 s (and the thread be stuck).
     [error] = run_threads(1, lambda i: pool.getconn(timeout=0.01))
     assert isinstance(error, PoolTimeout)
-    assert pool._getconn_timeouts == {}
+    assert not pool._getconn_timeouts  # the per-call entry is gone
     pool.putconn(held)
 
 
@@ -528,7 +528,10 @@ def test_interrupt_in_connect_override_leaves_the_pool_consistent(
     pool.putconn(pool.getconn())
 
 
-def test_interrupt_while_the_lock_is_let_go_of(dsn: str, app: str, pools: list[Any]) -> None:
+@pytest.mark.parametrize("per_call", [False, True], ids=["pool-timeout", "per-call-timeout"])
+def test_interrupt_while_the_lock_is_let_go_of(
+    dsn: str, app: str, pools: list[Any], per_call: bool
+) -> None:
     # An interrupt inside pgctx's _getconn (here in a connect, with the lock let go
     # of for the wait) leaves the lock as the caller had it, and the pool usable.
     failures = [Interrupt()]
@@ -541,9 +544,10 @@ def test_interrupt_while_the_lock_is_let_go_of(dsn: str, app: str, pools: list[A
     pool = cls(0, 1, dsn, application_name=app, timeout=GENEROUS, configure=configure)
     pools.append(pool)
     with pytest.raises(Interrupt):
-        pool.getconn()
+        pool.getconn(timeout=GENEROUS) if per_call else pool.getconn()
     assert not pool._lock._is_owned() and lock_is_free(pool)
-    assert (pool._getconn_timeouts, pool._connecting, len(pool._used)) == ({}, 0, 0)
+    assert not pool._getconn_timeouts
+    assert (pool._connecting, len(pool._used)) == (0, 0)
     pool.putconn(pool.getconn())
 
 
