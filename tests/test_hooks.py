@@ -10,6 +10,7 @@ blocks, ``PersistentConnectionPool``, configure/statistics, and class creation.
 from __future__ import annotations
 
 import inspect
+import random
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -606,6 +607,39 @@ def test_mixin_overriding_getconn_is_ignored_by_simple_pools(
     simple.putconn(simple.getconn())
     threaded.putconn(threaded.getconn())
     assert calls == ["Threaded"]
+
+
+@pytest.mark.parametrize("timeout", [None, GENEROUS], ids=["no-timeout", "timeout"])
+@pytest.mark.parametrize("seed", range(3))
+def test_threads_hammering_a_pool_with_every_hook_overridden(
+    dsn: str, app: str, pg_admin: Any, pools: list[Any], timeout: float | None, seed: int
+) -> None:
+    # Random schedules: getconn (with and without keys and per-call timeouts), returns
+    # with close=True, rolled-back transactions. Afterwards nothing is leaked.
+    recording = recording_subclass(pgctx.pool.ThreadedConnectionPool, frozenset(HOOKS))
+    overflow = overflow_pool(recording)
+    pool = overflow(1, 3, dsn, application_name=app, timeout=timeout)
+    pools.append(pool)
+
+    def worker(i: int) -> int:
+        rng = random.Random(seed * 100 + i)
+        done = 0
+        for _ in range(40):
+            key = rng.choice([None, None, f"t{i}"])
+            per_call = {"timeout": GENEROUS} if timeout is not None and rng.random() < 0.3 else {}
+            conn = pool.getconn(key, **per_call)
+            if rng.random() < 0.3:
+                conn.cursor().execute("SELECT 1")  # left in a transaction: rolled back
+            pool.putconn(conn, close=rng.random() < 0.2)
+            done += 1
+        return done
+
+    assert run_threads(6, worker) == [40] * 6
+    assert (pool._used, pool._rused, pool._connecting) == ({}, {}, 0)
+    assert not pool._getconn_timeouts and lock_is_free(pool)
+    opened = pool.get_stats()["connections_num"]
+    assert opened == sum(1 for hook, _, outcome in pool.hook_log if hook == "_connect")
+    assert wait_backends(pg_admin, app, len(pool._pool)) == len(pool._pool) <= 1
 
 
 # ---------------------------------------------------------------------------------
