@@ -12,16 +12,73 @@ Without options the checkout is a few list and dict operations.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
+from pgctx import hooks
 from pgctx._driver import psycopg2
 from pgctx.connecting import Backoff
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
+from pgctx.hooks import released
 from pgctx.poolcore import AUTO, PoolCore, _check_hashable
 from pgctx.waiting import Connection, Waiter
 
 _log = logging.getLogger("pgctx")
+
+
+_NO_TIMEOUT: Any = object()
+
+
+@hooks.route
+def _checkout_through_getconn(self: Any, key: Any, timeout: float | None) -> Connection:
+    """getconn of a class overriding ``_getconn``: ``self._getconn(key)`` under the lock."""
+    with self._lock:
+        timeouts = self._getconn_timeouts
+        if timeout is self.timeout and not timeouts:  # the pool's own: _getconn knows it
+            return self._getconn(key)  # type: ignore[no-any-return]
+        # a per-call timeout, for pgctx's own _getconn (the override does not pass it)
+        if timeouts is None:
+            timeouts = self._getconn_timeouts = {}
+        ident = threading.get_ident()
+        outer = timeouts.get(ident, _NO_TIMEOUT)
+        timeouts[ident] = timeout
+        try:
+            return self._getconn(key)  # type: ignore[no-any-return]
+        finally:
+            if outer is _NO_TIMEOUT:
+                del timeouts[ident]
+            else:
+                timeouts[ident] = outer
+
+
+@hooks.route
+def _checkout_with_getkey(self: Any, key: Any, timeout: float | None) -> Connection:
+    """Check out under an automatic key from ``self._getkey()``, as psycopg2's _getconn."""
+    if key is None:
+        with self._lock:
+            if self.closed:
+                raise PoolError("connection pool is closed")
+            key = self._getkey()
+    return AbstractConnectionPool._checkout(self, key, timeout)
+
+
+@hooks.route
+def _putconn_through_hook(
+    self: Any, conn: Connection | None = None, key: Any = None, close: bool = False
+) -> None:
+    """putconn of a class overriding ``_putconn``: ``self._putconn(...)`` under the lock."""
+    with self._lock:
+        self._putconn(conn, key, close)
+
+
+@hooks.route
+def _closeall_through_hook(self: Any) -> None:
+    """closeall of a class overriding ``_closeall``: ``self._closeall()`` under the lock."""
+    with self._lock:
+        self._closeall()
 
 
 class AbstractConnectionPool(PoolCore):
@@ -30,6 +87,22 @@ class AbstractConnectionPool(PoolCore):
     Arguments after ``minconn`` and ``maxconn`` go to ``psycopg2.connect()``;
     pgctx's own options are keyword-only names libpq does not know.
     """
+
+    # Which method goes through which overridden hook, as in psycopg2's
+    # ThreadedConnectionPool (see pgctx.hooks; SimpleConnectionPool has none).
+    _HOOK_ROUTES: ClassVar[Mapping[str, tuple[str, Callable[..., Any]]]] = MappingProxyType(
+        {
+            "_getconn": ("_checkout", _checkout_through_getconn),
+            "_putconn": ("putconn", _putconn_through_hook),
+            "_closeall": ("closeall", _closeall_through_hook),
+        }
+    )
+    _GETKEY_ROUTE: ClassVar[Callable[..., Any]] = _checkout_with_getkey
+    _getconn_timeouts: dict[int, float | None] | None = None  # thread -> getconn(timeout=)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hooks.install_routes(cls, AbstractConnectionPool)
 
     # -- checkout -----------------------------------------------------------------
 
@@ -174,7 +247,7 @@ class AbstractConnectionPool(PoolCore):
         backoff = None
         while True:
             try:
-                conn = self._open(deadline)
+                conn = self._new_connection(key, deadline)
                 break
             except psycopg2.OperationalError as exc:
                 if deadline is not None and not self.closed:
@@ -241,7 +314,7 @@ class AbstractConnectionPool(PoolCore):
             )
         for done in range(missing):
             try:
-                conn = self._open()
+                conn = self._new_connection()
             except Exception:
                 _log.info(
                     "could not refill the pool to minconn; will retry",
@@ -257,7 +330,32 @@ class AbstractConnectionPool(PoolCore):
             if not kept:
                 self._close(conn)
 
-    # psycopg2's unlocked implementations, which subclasses in the wild call or override.
-    _getconn = getconn
-    _putconn = PoolCore.putconn
-    _closeall = PoolCore.closeall
+    # -- psycopg2's hooks ------------------------------------------------------------
+    # Subclasses in the wild call or override these. The pool itself uses them only
+    # when a subclass overrides them (see pgctx.hooks). Called with the lock held, as
+    # psycopg2's ThreadedConnectionPool calls them, they keep it all along as
+    # psycopg2's do, so that an override's code around super() sees no other thread's
+    # work in between; but a _getconn that may wait (a pool with a timeout) lets go
+    # of it meanwhile, like Condition.wait, or no connection could come back.
+
+    def _getconn(self, key: Any = None) -> Connection:
+        """Get a free connection and assign it to ``key`` (or a new automatic key)."""
+        timeouts = self._getconn_timeouts
+        timeout = timeouts.get(threading.get_ident(), self.timeout) if timeouts else self.timeout
+        checkout = (
+            _checkout_with_getkey
+            if "_getkey" in self._overridden_hooks
+            else AbstractConnectionPool._checkout
+        )
+        if timeout is None:
+            return checkout(self, key, timeout)
+        with released(self._lock):
+            return checkout(self, key, timeout)
+
+    def _putconn(self, conn: Connection, key: Any = None, close: bool = False) -> None:
+        """Put away a connection."""
+        PoolCore.putconn(self, conn, key, close)
+
+    def _closeall(self) -> None:
+        """Close all connections, even those in use."""
+        PoolCore.closeall(self)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from types import MappingProxyType
 from typing import Any
 
 from pgctx._driver import extensions
 from pgctx.basepool import AbstractConnectionPool
 from pgctx.errors import PoolError
+from pgctx.hooks import route
 from pgctx.waiting import Connection
 
 
@@ -42,10 +44,32 @@ class _Holder:
         self.key = key
 
 
+_NOT_THIS_THREADS = (
+    "trying to put a connection this thread does not hold: each thread "
+    "must put back only the connection its own getconn() returned"
+)
+_HOLDS_NONE = "this thread holds no connection from the pool: call getconn() first"
+
+
 def _release_dead_thread(pool_ref: weakref.ref[PersistentConnectionPool], key: ThreadKey) -> None:
     pool = pool_ref()
     if pool is not None:
         pool._reclaim(key)
+
+
+@route
+def _putconn_through_hook(
+    self: PersistentConnectionPool, conn: Connection | None = None, close: bool = False
+) -> None:
+    """putconn of a subclass overriding ``_putconn``: called under the lock, as in psycopg2 2.7."""
+    key = self._thread_key()
+    with self._lock:
+        held = self._used.get(key)  # the checks of PersistentConnectionPool.putconn
+        if not self.closed and conn is not None and held is not conn:
+            raise PoolError(_NOT_THIS_THREADS)
+        if not self.closed and held is None:
+            raise PoolError(_HOLDS_NONE)
+        self._putconn(held, key, close)  # type: ignore[arg-type]
 
 
 class PersistentConnectionPool(AbstractConnectionPool):
@@ -80,14 +104,9 @@ class PersistentConnectionPool(AbstractConnectionPool):
         with self._lock:
             held = self._used.get(key)
             if not self.closed and conn is not None and held is not conn:
-                raise PoolError(
-                    "trying to put a connection this thread does not hold: each thread "
-                    "must put back only the connection its own getconn() returned"
-                )
+                raise PoolError(_NOT_THIS_THREADS)
             if not self.closed and held is None:
-                raise PoolError(
-                    "this thread holds no connection from the pool: call getconn() first"
-                )
+                raise PoolError(_HOLDS_NONE)
         super().putconn(held, key, close)
 
     def _reclaim(self, key: ThreadKey) -> None:
@@ -110,8 +129,9 @@ class PersistentConnectionPool(AbstractConnectionPool):
             self._serve_waiter(None)
         self._close(conn)
 
-    _getconn = getconn  # type: ignore[assignment]
-    _putconn = putconn  # type: ignore[assignment]
+    _HOOK_ROUTES = MappingProxyType(
+        {**AbstractConnectionPool._HOOK_ROUTES, "_putconn": ("putconn", _putconn_through_hook)}
+    )
 
 
 __all__ = ["PersistentConnectionPool"]

@@ -8,6 +8,7 @@ top of the scope layer so that those stay independent of it.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from pgctx import basepool, persistent
@@ -24,6 +25,11 @@ class AbstractConnectionPool(ConnectionScopesMixin, basepool.AbstractConnectionP
 
 class SimpleConnectionPool(AbstractConnectionPool):
     """A connection pool that can't be shared across different threads."""
+
+    # psycopg2 binds SimpleConnectionPool.getconn/putconn/closeall to the base class's
+    # _getconn/_putconn/_closeall: overriding those changes nothing here, there as here
+    # (overridden _connect and _getkey are honoured).
+    _HOOK_ROUTES = MappingProxyType({})
 
     def __init__(self, minconn: Any, maxconn: Any, *args: Any, **kwargs: Any) -> None:
         if "timeout" in kwargs or "max_waiting" in kwargs:

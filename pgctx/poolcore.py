@@ -15,13 +15,14 @@ import logging
 import threading
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 from pgctx import forksafe
 from pgctx._driver import extensions, psycopg2
 from pgctx._dsn import describe_target
 from pgctx.connecting import ConnectParams, check_connect_arguments
 from pgctx.errors import PoolError
+from pgctx.hooks import open_through_connect
 from pgctx.lifecycle import Lifecycle
 from pgctx.maintenance import Maintenance
 from pgctx.stats import PoolStats
@@ -78,6 +79,8 @@ def _check_hashable(key: object) -> None:
 class PoolCore:
     """State, connecting, returning and closing; see ``AbstractConnectionPool``."""
 
+    _overridden_hooks: ClassVar[frozenset[str]] = frozenset()  # set per class: pgctx.hooks
+
     def __init__(
         self,
         minconn: Any,
@@ -106,7 +109,8 @@ class PoolCore:
 
         self._args = args
         self._kwargs = kwargs
-        check_connect_arguments(args, kwargs)
+        if "_connect" not in self._overridden_hooks:  # an override may take other keywords
+            check_connect_arguments(args, kwargs)
         self._label = f"{type(self).__name__} {describe_target(args, kwargs)}"
         if self._life is not None:
             self._life.pool_label = self._label
@@ -122,7 +126,7 @@ class PoolCore:
 
         try:
             for _ in range(self.minconn):
-                self._pool.append(self._open())
+                self._pool.append(self._new_connection())
         except BaseException:
             for conn in self._pool:
                 self._close(conn)
@@ -171,6 +175,12 @@ class PoolCore:
             self._stats.connections_num += 1
             self._stats.connections_ms += (time.monotonic() - started) * 1000
         return conn
+
+    def _new_connection(self, key: Any = None, deadline: float | None = None) -> Connection:
+        """Open a connection for the pool, through the class's own ``_connect`` if it has one."""
+        if "_connect" in self._overridden_hooks:
+            return open_through_connect(self, key)
+        return self._open(deadline)
 
     def _log_fields(self, event: str, **more: object) -> dict[str, object]:
         """Structured fields for pgctx's log records (no password: see describe_target)."""

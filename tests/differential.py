@@ -76,16 +76,82 @@ def _status(conn: Any) -> int | None:
     return None if conn.closed else int(conn.info.transaction_status)
 
 
+HOOKS = ("_connect", "_getkey", "_getconn", "_putconn", "_closeall")
+
+
+def recording_subclass(base: type, hooks: frozenset[str]) -> type:
+    """A subclass of ``base`` whose overrides of ``hooks`` log each call and call super().
+
+    The same body serves psycopg2's and pgctx's classes. ``pool.hook_log`` holds
+    ``(hook, args, outcome)`` with the raw objects; ``World.hook_calls`` labels them.
+    """
+
+    class Recording(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.hook_log: list[list[Any]] = []
+            super().__init__(*args, **kwargs)
+
+        def _record(self, hook: str, method: Any, args: tuple[Any, ...]) -> Any:
+            entry: list[Any] = [hook, args, None]
+            self.hook_log.append(entry)
+            try:
+                result = method(*args)
+            except Exception as exc:
+                entry[2] = ("raise", type(exc), str(exc))
+                raise
+            entry[2] = ("ok", result)
+            return result
+
+        if "_connect" in hooks:
+
+            def _connect(self, *args: Any) -> Any:
+                return self._record("_connect", super()._connect, args)
+
+        if "_getkey" in hooks:
+
+            def _getkey(self, *args: Any) -> Any:
+                return self._record("_getkey", super()._getkey, args)
+
+        if "_getconn" in hooks:
+
+            def _getconn(self, *args: Any) -> Any:
+                return self._record("_getconn", super()._getconn, args)
+
+        if "_putconn" in hooks:
+
+            def _putconn(self, *args: Any) -> Any:
+                return self._record("_putconn", super()._putconn, args)
+
+        if "_closeall" in hooks:
+
+            def _closeall(self, *args: Any) -> Any:
+                return self._record("_closeall", super()._closeall, args)
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{base.__name__}"
+    return Recording
+
+
 class World:
     """One pool under test plus the bookkeeping needed to compare it with its twin."""
 
     def __init__(
-        self, module: Any, cls_name: str, minconn: int, maxconn: int, dsn: str, app: str
+        self,
+        module: Any,
+        cls_name: str,
+        minconn: int,
+        maxconn: int,
+        dsn: str,
+        app: str,
+        hooks: frozenset[str] | None = None,
     ) -> None:
         self.app = app
         self.foreign_app = f"{app}-foreign"
         self.dsn = dsn
-        self.pool = getattr(module, cls_name)(minconn, maxconn, dsn, application_name=app)
+        cls = getattr(module, cls_name)
+        if hooks is not None:
+            cls = recording_subclass(cls, hooks)
+        self.pool = cls(minconn, maxconn, dsn, application_name=app)
+        self.logged = 0  # hook_log entries already reported by hook_calls()
         self.initial: list[Any] = list(self.pool._pool)  # opened by the constructor
         self.handed: list[Any] = []  # distinct connections handed out, in order
         self.foreign: list[Any] = []
@@ -210,6 +276,24 @@ class World:
         raise AssertionError(f"unknown operation {op!r}")
 
     # -- observation ----------------------------------------------------------------
+
+    def _describe_value(self, value: Any) -> Any:
+        if isinstance(value, psycopg2.extensions.connection):
+            return ("conn", self.label(value))
+        if value is None or isinstance(value, bool):
+            return value
+        return normalize_key(value)
+
+    def hook_calls(self) -> list[tuple[Any, ...]]:
+        """The hook calls logged since the last call, world-independent (empty without hooks)."""
+        log = getattr(self.pool, "hook_log", [])
+        new, self.logged = log[self.logged :], len(log)
+        calls = []
+        for hook, args, outcome in new:
+            if outcome is not None and outcome[0] == "ok":
+                outcome = ("ok", self._describe_value(outcome[1]))
+            calls.append((hook, tuple(self._describe_value(a) for a in args), outcome))
+        return calls
 
     def describe(self, op: tuple[Any, ...]) -> str:
         """A coverage label for ``op`` (hypothesis events): the state of its connection."""

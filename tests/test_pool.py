@@ -1,7 +1,9 @@
 """``pgctx.pool`` against ``psycopg2.pool`` on a real server.
 
 1. A differential test: hypothesis drives the same operation sequences through
-   both modules' pools and every observable outcome must agree.
+   both modules' pools (the classes themselves, or the same subclass body overriding
+   some of psycopg2's hooks and logging their calls) and every observable outcome,
+   hook calls included, must agree.
 2. One test per psycopg2 defect that pgctx fixes, run on both modules; the
    psycopg2 variant is a strict xfail, proving the defect exists there.
 3. The module surface: names, exception identity, class hierarchy, signatures.
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 import pgctx.pool
 from tests.differential import (
     EXPLICIT_KEYS,
+    HOOKS,
     OP_KINDS,
     PUT_MODES,
     World,
@@ -132,20 +135,32 @@ def assert_same_state(admin: Any, ref: World, new: World, step: str) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(size=sizes, ops=st.lists(raw_ops, min_size=8, max_size=40))
+@given(
+    size=sizes,
+    ops=st.lists(raw_ops, min_size=8, max_size=40),
+    hooks=st.none() | st.frozensets(st.sampled_from(HOOKS)),
+)
 def test_differential(
-    pg_admin: Any, dsn: str, cls_name: str, size: tuple[int, int], ops: list[Any]
+    pg_admin: Any,
+    dsn: str,
+    cls_name: str,
+    size: tuple[int, int],
+    ops: list[Any],
+    hooks: frozenset[str] | None,
 ) -> None:
     minconn, maxconn = size
     tag = unique_app("diff")
-    ref = World(psycopg2.pool, cls_name, minconn, maxconn, dsn, f"{tag}-psycopg2")
+    event("no subclass" if hooks is None else f"subclass overriding {len(hooks)} hooks")
+    ref = World(psycopg2.pool, cls_name, minconn, maxconn, dsn, f"{tag}-psycopg2", hooks)
     try:
-        new = World(pgctx.pool, cls_name, minconn, maxconn, dsn, f"{tag}-pgctx")
+        new = World(pgctx.pool, cls_name, minconn, maxconn, dsn, f"{tag}-pgctx", hooks)
     except BaseException:
         ref.cleanup()
         raise
     try:
-        assert_same_state(pg_admin, ref, new, f"after {cls_name}({minconn}, {maxconn})")
+        created = f"after {cls_name}({minconn}, {maxconn}) overriding {hooks}"
+        assert new.hook_calls() == ref.hook_calls(), created
+        assert_same_state(pg_admin, ref, new, created)
         for n, raw in enumerate(ops):
             op = ref.resolve(raw)
             assert new.resolve(raw) == op
@@ -153,6 +168,7 @@ def test_differential(
             before = ref.describe(op)
             outcome = ref.apply(op)
             assert new.apply(op) == outcome, step
+            assert new.hook_calls() == ref.hook_calls(), f"{step}: hook calls"
             event(f"{before} -> {outcome[2] if outcome[0] == 'raise' else ref.describe(op)}")
             assert_same_state(pg_admin, ref, new, step)
         # Tear down through the pools themselves: nothing may stay open on the server.
@@ -164,6 +180,7 @@ def test_differential(
                 with conn.cursor() as cur:  # never adopted nor closed by the pool
                     cur.execute("SELECT 1")
                 conn.close()
+        assert new.hook_calls() == ref.hook_calls(), "closeall at the end"
         gone = {ref.app: 0, new.app: 0, ref.foreign_app: 0, new.foreign_app: 0}
         assert settle_backend_counts(pg_admin, gone, GENEROUS) == gone
     finally:
