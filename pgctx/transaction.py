@@ -12,7 +12,7 @@ from typing import Any
 
 from pgctx._driver import extensions
 from pgctx.errors import TransactionAborted
-from pgctx.health import is_broken, is_disconnect
+from pgctx.health import is_broken
 
 __all__ = ["add_note", "end_transaction", "roll_back_for_return", "rollback"]
 
@@ -48,9 +48,18 @@ def rollback(conn: Any) -> None:
         conn.rollback()
 
 
-def roll_back_for_return(conn: Any, exc: BaseException | None) -> tuple[bool, BaseException | None]:
-    """Roll back if needed; return (discard, error). Discards what cannot be rolled back."""
-    if is_disconnect(exc, conn):
+def roll_back_for_return(
+    conn: Any, exc: BaseException | None = None
+) -> tuple[bool, BaseException | None]:
+    """Roll back if needed; return (discard, error). Discards what cannot be rolled back.
+
+    Decided from the connection's state (closed, status UNKNOWN/ACTIVE) and from the
+    rollback itself, never from ``exc``: an ``InterfaceError`` or a class-08 SQLSTATE
+    also comes from healthy connections ("cursor already closed"), and a disconnect
+    the status does not show yet makes the rollback fail. ``exc`` is accepted for
+    the callers that pass the block's error, and not consulted.
+    """
+    if is_broken(conn):
         return True, None
     try:
         if conn.get_transaction_status() != _IDLE:
@@ -77,7 +86,7 @@ def end_transaction(
     if exc is not None:
         if close_on_error:
             return True, None
-        return roll_back_for_return(conn, exc)
+        return roll_back_for_return(conn)
     if not conn.closed and conn.get_transaction_status() == _IDLE and not aborted:
         return False, None  # the common case: autocommit, or nothing left to commit
     if is_broken(conn):
@@ -89,7 +98,7 @@ def end_transaction(
         )
     status = conn.get_transaction_status()
     if aborted or status == _INERROR:
-        discard, problem = roll_back_for_return(conn, None)
+        discard, problem = roll_back_for_return(conn)
         if aborted:
             err = TransactionAborted(
                 "an exception escaped a nested block (or another thread or task misused the "
@@ -106,7 +115,7 @@ def end_transaction(
         return discard, problem or err
     if status == _INTRANS:
         if conn.autocommit:
-            discard, problem = roll_back_for_return(conn, None)
+            discard, problem = roll_back_for_return(conn)
             return discard, problem or TransactionAborted(
                 "a transaction opened with BEGIN on an autocommit connection was still open "
                 "when the block ended; it was rolled back, not committed"
@@ -114,6 +123,6 @@ def end_transaction(
         try:
             conn.commit()
         except BaseException as problem:
-            discard, _ = roll_back_for_return(conn, problem)
+            discard, _ = roll_back_for_return(conn)
             return discard, problem
     return False, None
