@@ -235,6 +235,7 @@ async def _run_coroutine(
 
 def _adopt(scope: ConnectionScope, caller: Any) -> None:
     """Bind the block as if ``caller`` had entered it: inside a generator, only while it runs."""
+    scope._site = caller  # the place a JoinedCommitWarning names, if this block opened
     handle = scope._handle
     if handle is not None and caller.f_code.co_flags & _GENERATOR_FLAGS:
         handle.frame = caller
