@@ -230,7 +230,10 @@ async def _run_coroutine(
         awaitable = _call(wrapped, args, kwargs, conn, where)
         if not inspect.isawaitable(awaitable):  # a wrapper that hid a sync function
             raise _not_promised(awaitable, COROUTINE, wrapped)
-        return await awaitable
+        result = await awaitable
+        if result is not None and type(result) in DEFERRED:  # e.g. a forgotten await
+            _refuse_deferred(result, wrapped)
+        return result
 
 
 def _adopt(scope: ConnectionScope, caller: Any) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import pgctx.pool
 from pgctx.decorators import with_connection
-from pgctx.errors import NoActiveConnection, TransactionAborted
+from pgctx.errors import NoActiveConnection, ScopeError, TransactionAborted
 from pgctx.registry import current_connection, in_scope, set_default_pool
 from tests.helpers import backends, in_use, insert, rows, unique_app, wait_backends
 
@@ -680,6 +680,7 @@ def calls(draw: Any) -> tuple[str, str, int, str]:
     return draw(st.sampled_from(SHAPES)), placement, n_pos, conn
 
 
+@pytest.mark.filterwarnings("ignore:functools.partial will be a method descriptor:FutureWarning")
 @settings(
     max_examples=400,
     deadline=None,
@@ -830,3 +831,76 @@ def test_contextmanager_above_with_connection_holds_the_block_from_enter_to_exit
         assert not in_scope()
     assert rows(pg_admin, table) == [1]
     assert in_use(pool) == 0
+
+
+def test_a_context_manager_that_fails_ends_the_block(table: str, pool: Pool, pg_admin: Any) -> None:
+    @with_connection
+    @contextlib.contextmanager
+    def fails_on_enter(conn: Any = None) -> Iterator[Any]:
+        insert(conn, table, 1)
+        raise KeyError("before yield")
+        yield conn
+
+    @with_connection
+    @contextlib.contextmanager
+    def fails_on_exit(conn: Any = None) -> Iterator[Any]:
+        yield conn
+        raise ValueError("after the body")
+
+    @with_connection
+    @contextlib.contextmanager
+    def yields_twice(conn: Any = None) -> Iterator[Any]:
+        yield conn
+        yield conn
+
+    with pytest.raises(KeyError), fails_on_enter():
+        raise AssertionError("not reached")
+    with pytest.raises(ValueError), fails_on_exit() as conn:
+        insert(conn, table, 2)
+    with pytest.raises(RuntimeError, match="didn't stop"), yields_twice() as conn:
+        insert(conn, table, 3)
+    assert rows(pg_admin, table) == []  # every one rolled back
+    assert in_use(pool) == 0
+    unit = fails_on_exit()
+    with pytest.raises(ValueError), unit:
+        pass
+    with pytest.raises(ScopeError, match="only once"), unit:
+        pass
+    assert in_use(pool) == 0
+
+
+def test_a_wrapper_that_does_not_return_what_it_wraps_is_caught(
+    table: str, pool: Pool, pg_admin: Any
+) -> None:
+    def collect(func: Any) -> Any:  # claims to be `func`, but consumes the generator
+        @functools.wraps(func)
+        def listed(*args: Any, **kwargs: Any) -> Any:
+            return list(func(*args, **kwargs))
+
+        return listed
+
+    @with_connection
+    @collect
+    def numbers(conn: Any = None) -> Iterator[int]:
+        insert(conn, table, 1)
+        yield 1
+
+    gen = numbers()
+    with pytest.raises(TypeError, match="mark_as_sync"):
+        next(gen)
+    assert rows(pg_admin, table) == [] and in_use(pool) == 0
+
+    @with_connection
+    async def forgot_await(conn: Any = None) -> Any:
+        async def inner() -> None:
+            insert(conn, table, 2)
+
+        return inner()  # a coroutine handed out of the block, never run
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="returned a coroutine"):
+            asyncio.run(forgot_await())
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert rows(pg_admin, table) == [] and in_use(pool) == 0
