@@ -175,6 +175,7 @@ def warn_ended_by_joined_block(opener: Any, inner: FrameType) -> None:
     that opened it, whose line now is the one that led into the joined block.
     ``inner`` is the frame leaving the joined block; the warning is attributed to its
     line. Joined blocks around the one that warned do not warn again for it.
+    Runs only when warning: not on any block's path.
     """
     reported = getattr(opener, "_reported", ())
     if inner in reported:
@@ -183,12 +184,17 @@ def warn_ended_by_joined_block(opener: Any, inner: FrameType) -> None:
     inner_text, joined = _place(inner, now=False)
     assert joined is not None
     if opener is not None:
+        # The joined blocks around this one exit from frames between here and the
+        # opener's: remember those (only for the latest warning, so a loop of such
+        # commits keeps nothing alive).
         frames: list[FrameType] = []
         walk: FrameType | None = inner
         while walk is not None and len(frames) < _REPORTED_DEPTH:
             frames.append(walk)
+            if walk is opener._site:
+                break
             walk = walk.f_back
-        opener._reported = (*reported, *frames)
+        opener._reported = tuple(frames)
     message = (
         "a block that joined an enclosing block ended that block's transaction (a "
         "commit() or rollback() inside it), so the enclosing block's work done before "

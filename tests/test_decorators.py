@@ -9,7 +9,7 @@ import gc
 import inspect
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg2
@@ -904,3 +904,109 @@ def test_a_wrapper_that_does_not_return_what_it_wraps_is_caught(
         gc.collect()
     assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert rows(pg_admin, table) == [] and in_use(pool) == 0
+
+
+# --- every stacking order, driven for real --------------------------------------------
+
+LAYERS: dict[str, Callable[[Any], Any]] = {
+    "functools.wraps": passthrough,
+    "wrapt": wrapt_passthrough,
+    "partial": functools.partial,
+}
+
+
+def _bases(check: Callable[[Any], None]) -> dict[str, Any]:
+    def plain(*lead: Any, conn: Any = None) -> str:
+        check(conn)
+        return "done"
+
+    async def coro(*lead: Any, conn: Any = None) -> str:
+        await asyncio.sleep(0)
+        check(conn)
+        return "done"
+
+    def gen(*lead: Any, conn: Any = None) -> Iterator[str]:
+        check(conn)
+        yield "done"
+        check(conn)
+
+    async def agen(*lead: Any, conn: Any = None) -> AsyncIterator[str]:
+        check(conn)
+        await asyncio.sleep(0)
+        yield "done"
+        check(conn)
+
+    return {
+        "plain": plain,
+        "async def": coro,
+        "generator": gen,
+        "async generator": agen,
+        "contextmanager": contextlib.contextmanager(gen),
+        "asynccontextmanager": contextlib.asynccontextmanager(agen),
+    }
+
+
+def _drive(kind: str, func: Any, check: Callable[[Any], None]) -> None:
+    if kind == "plain":
+        assert func() == "done"
+    elif kind == "async def":
+        assert asyncio.run(func()) == "done"
+    elif kind == "generator":
+        assert list(func()) == ["done"]
+    elif kind == "async generator":
+
+        async def drain() -> list[str]:
+            return [x async for x in func()]
+
+        assert asyncio.run(drain()) == ["done"]
+    elif kind == "contextmanager":
+        with func() as value:
+            assert value == "done"
+            check(current_connection())  # the with body is inside the block
+    else:
+
+        async def enter() -> None:
+            async with func() as value:
+                assert value == "done"
+                check(current_connection())
+
+        asyncio.run(enter())
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    kind=st.sampled_from(
+        [
+            "plain",
+            "async def",
+            "generator",
+            "async generator",
+            "contextmanager",
+            "asynccontextmanager",
+        ]
+    ),
+    layers=st.lists(st.sampled_from(sorted(LAYERS)), max_size=3),
+    descriptor=st.sampled_from([None, "classmethod", "staticmethod"]),
+    via_instance=st.booleans(),
+)
+def test_every_stacking_order_covers_the_body(
+    pool: Pool, kind: str, layers: list[str], descriptor: str | None, via_instance: bool
+) -> None:
+    def check(conn: Any) -> None:
+        assert conn is not None and current_connection() is conn and in_use(pool) == 1
+
+    func = _bases(check)[kind]
+    for layer in layers:
+        func = LAYERS[layer](func)
+    if descriptor is None:
+        decorated = with_connection(pool)(func)
+    else:
+        wrap = classmethod if descriptor == "classmethod" else staticmethod
+        holder = type("Holder", (), {"f": with_connection(pool)(wrap(func))})
+        decorated = holder().f if via_instance else holder.f
+    _drive(kind, decorated, check)
+    assert in_use(pool) == 0
