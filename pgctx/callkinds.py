@@ -73,11 +73,11 @@ DEFERRED: frozenset[type] = frozenset(
     {GeneratorType, CoroutineType, AsyncGeneratorType, _GENERATOR_CM, _ASYNC_GENERATOR_CM}
 )
 _DEFERRED_KINDS = {
-    GeneratorType: GENERATOR,
-    CoroutineType: "coroutine",
-    AsyncGeneratorType: ASYNCGEN,
-    _GENERATOR_CM: "context manager (from @contextmanager)",
-    _ASYNC_GENERATOR_CM: "async context manager (from @asynccontextmanager)",
+    GeneratorType: "a generator",
+    CoroutineType: "a coroutine",
+    AsyncGeneratorType: "an async generator",
+    _GENERATOR_CM: "a context manager (from @contextmanager)",
+    _ASYNC_GENERATOR_CM: "an async context manager (from @asynccontextmanager)",
 }
 
 _DESCRIPTIONS = {
@@ -203,8 +203,8 @@ def kind_of(target: Any, injects_conn: bool = False) -> str:
 
 
 def returned_kind(obj: Any) -> str:
-    """A description of a deferred object's type (one of :data:`DEFERRED`)."""
-    return _DEFERRED_KINDS.get(type(obj), type(obj).__name__)
+    """What a deferred object (one of :data:`DEFERRED`) is, with its article."""
+    return _DEFERRED_KINDS.get(type(obj), f"a {type(obj).__name__}")
 
 
 def discard(obj: Any) -> None:

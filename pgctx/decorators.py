@@ -165,9 +165,10 @@ def _name(func: Any) -> str:
 
 
 _ADVICE = {
-    GENERATOR: "make it a generator function itself (`yield from` the generator) or return a list",
-    ASYNCGEN: "make it an async generator function itself (iterate and yield)",
-    "coroutine": "make it an `async def` that awaits the coroutine, or put "
+    "a generator": "make it a generator function itself (`yield from` the generator) "
+    "or return a list",
+    "an async generator": "make it an async generator function itself (iterate and yield)",
+    "a coroutine": "make it an `async def` that awaits the coroutine, or put "
     "@with_connection directly above the async def",
 }
 
@@ -180,7 +181,7 @@ def _refuse_deferred(made: Any, target: Any) -> None:
         kind, "put @with_connection directly above @contextmanager / @asynccontextmanager"
     )
     raise TypeError(
-        f"{_name(target)} returned a {kind} from inside its @with_connection block: its "
+        f"{_name(target)} returned {kind} from inside its @with_connection block: its "
         "code would run only after the block ended and gave the connection back, so the "
         f"block was rolled back instead. To run that code inside the block, {advice}; if a "
         "decorator hides what the function is, declare it with wrapt.mark_as_async (or "
