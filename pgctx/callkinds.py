@@ -161,6 +161,15 @@ def _name(layer: Any) -> str:
     return getattr(layer, "__qualname__", None) or type(layer).__name__
 
 
+def _defined(layer: Any) -> str:
+    """``name (file:line)``: functools.wraps copies names, not where the code is."""
+    code: Any = getattr(layer, "__code__", None)
+    where = getattr(code, "co_filename", None)
+    if where is None:
+        return _name(layer)
+    return f"{_name(layer)} ({where}:{code.co_firstlineno})"
+
+
 def _is_cache(layer: Any) -> bool:
     return hasattr(layer, "cache_info") and hasattr(layer, "cache_clear")
 
@@ -189,8 +198,8 @@ def kind_of(target: Any, injects_conn: bool = False) -> str:
             elif (decided, kind) in _REFUSED:
                 raise TypeError(
                     f"@with_connection cannot cover {_name(target)!r}: it is called as "
-                    f"{_DESCRIPTIONS[decided]} ({_name(decided_by)}) but wraps "
-                    f"{_DESCRIPTIONS[kind]} ({_name(layer)}), whose body would run after "
+                    f"{_DESCRIPTIONS[decided]} ({_defined(decided_by)}) but wraps "
+                    f"{_DESCRIPTIONS[kind]} ({_defined(layer)}), whose body would run after "
                     "the block has ended. Put @with_connection directly above "
                     f"{_name(layer)!r} (below the decorators that change how it is "
                     "called), or declare the real calling convention with "
