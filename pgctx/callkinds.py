@@ -110,6 +110,9 @@ except ImportError:  # wrapt 1.x
     from wrapt import ObjectProxy as _Proxy
 
 
+_MAX_LAYERS = 100  # an object inventing a new __wrapped__ on every access ends the walk
+
+
 def own_kind(layer: Any) -> str | None:
     """What ``layer``'s own code says it is, or None for a plain layer."""
     code = getattr(layer, "__code__", None)
@@ -178,10 +181,10 @@ def kind_of(target: Any, injects_conn: bool = False) -> str:
     """The kind of ``target``; raise TypeError for combinations no block can cover."""
     decided: str | None = None
     decided_by: Any = None
-    seen: set[int] = set()
+    seen: list[Any] = []  # kept alive, so that no id is reused during the walk
     layer = target
-    while layer is not None and id(layer) not in seen:
-        seen.add(id(layer))
+    while layer is not None and all(layer is not s for s in seen) and len(seen) < _MAX_LAYERS:
+        seen.append(layer)
         if injects_conn and _is_cache(layer):
             raise TypeError(
                 f"@with_connection is above a cache ({_name(layer)}), which would key its "

@@ -444,6 +444,9 @@ def with_connection(
     time when omitted, so decorating before ``set_default_pool()`` is fine. A
     function that declares a ``conn`` parameter receives the connection,
     unless its caller passes one. Nested decorated calls share the connection.
+    The block covers the body of ``async def`` functions, generators and
+    ``@contextmanager`` functions (the whole ``with`` body), also behind other
+    decorators; stackings no block can cover raise ``TypeError`` here.
     """
     if inspect.isclass(pool):
         raise TypeError("@with_connection decorates functions and methods, not classes")

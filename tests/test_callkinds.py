@@ -246,3 +246,19 @@ def test_discard_of_a_started_async_generator_does_not_raise() -> None:
             await agen.aclose()
 
     asyncio.run(main())
+
+
+def test_odd_objects_end_the_walk() -> None:
+    class Inventive:
+        """Answers every attribute with a new object, __wrapped__ included."""
+
+        def __getattr__(self, name: str) -> Any:
+            return Inventive()
+
+        def __call__(self) -> None:
+            pass
+
+    cyclic = passthrough(plain)
+    cyclic.__wrapped__ = cyclic
+    assert kind_of(Inventive()) == FUNCTION
+    assert kind_of(cyclic) == FUNCTION
