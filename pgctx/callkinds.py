@@ -41,7 +41,9 @@ __all__ = [
     "GENERATOR",
     "discard",
     "kind_of",
+    "not_what_it_was_taken_for",
     "own_kind",
+    "refuse_deferred",
     "returned_kind",
 ]
 
@@ -236,3 +238,39 @@ def discard(obj: Any) -> None:
                 closing.close()
     except Exception:  # closing a refused object must not hide the TypeError
         pass
+
+
+_ADVICE = {
+    "a generator": "make it a generator function itself (`yield from` the generator) "
+    "or return a list",
+    "an async generator": "make it an async generator function itself (iterate and yield)",
+    "a coroutine": "make it an `async def` that awaits the coroutine, or put "
+    "@with_connection directly above the async def",
+}
+
+
+def refuse_deferred(made: Any, target: Any) -> None:
+    """Close ``made`` (a :data:`DEFERRED` object ``target`` returned in a block) and raise."""
+    kind = returned_kind(made)
+    discard(made)
+    advice = _ADVICE.get(
+        kind, "put @with_connection directly above @contextmanager / @asynccontextmanager"
+    )
+    raise TypeError(
+        f"{_name(target)} returned {kind} from inside its @with_connection block: its "
+        "code would run only after the block ended and gave the connection back, so the "
+        f"block was rolled back instead. To run that code inside the block, {advice}; if a "
+        "decorator hides what the function is, declare it with wrapt.mark_as_async (or "
+        "mark_as_sync) below @with_connection"
+    )
+
+
+def not_what_it_was_taken_for(made: Any, kind: str, target: Any) -> TypeError:
+    """Close ``made`` and return the error for a call that did not return a ``kind``'s object."""
+    discard(made)
+    return TypeError(
+        f"@with_connection took {_name(target)} for {_DESCRIPTIONS[kind]} (what it wraps is "
+        f"one), but calling it returned {type(made).__name__}; declare what it really is "
+        "with wrapt.mark_as_sync / wrapt.mark_as_async, or put @with_connection below the "
+        "decorator that changes it"
+    )

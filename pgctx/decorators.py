@@ -36,10 +36,10 @@ from pgctx.callkinds import (
     COROUTINE,
     DEFERRED,
     GENERATOR,
-    discard,
     kind_of,
+    not_what_it_was_taken_for,
     own_kind,
-    returned_kind,
+    refuse_deferred,
 )
 from pgctx.errors import ScopeError
 from pgctx.registry import (
@@ -160,52 +160,6 @@ async def _run_async_generator(
                 thrown = exc
 
 
-def _name(func: Any) -> str:
-    return getattr(func, "__qualname__", None) or type(func).__name__
-
-
-_ADVICE = {
-    "a generator": "make it a generator function itself (`yield from` the generator) "
-    "or return a list",
-    "an async generator": "make it an async generator function itself (iterate and yield)",
-    "a coroutine": "make it an `async def` that awaits the coroutine, or put "
-    "@with_connection directly above the async def",
-}
-
-
-def _refuse_deferred(made: Any, target: Any) -> None:
-    """Raise for an object a plain function returned whose code would run after the block."""
-    kind = returned_kind(made)
-    discard(made)
-    advice = _ADVICE.get(
-        kind, "put @with_connection directly above @contextmanager / @asynccontextmanager"
-    )
-    raise TypeError(
-        f"{_name(target)} returned {kind} from inside its @with_connection block: its "
-        "code would run only after the block ended and gave the connection back, so the "
-        f"block was rolled back instead. To run that code inside the block, {advice}; if a "
-        "decorator hides what the function is, declare it with wrapt.mark_as_async (or "
-        "mark_as_sync) below @with_connection"
-    )
-
-
-def _not_promised(made: Any, kind: str, target: Any) -> TypeError:
-    discard(made)
-    return TypeError(
-        f"@with_connection took {_name(target)} for {_PROMISE[kind]} (what it wraps is one), "
-        f"but calling it returned {type(made).__name__}; declare what it really is with "
-        "wrapt.mark_as_sync / wrapt.mark_as_async, or put @with_connection below the "
-        "decorator that changes it"
-    )
-
-
-_PROMISE = {
-    COROUTINE: "an async def",
-    GENERATOR: "a generator function",
-    ASYNCGEN: "an async generator function",
-    CONTEXTMANAGER: "a @contextmanager function",
-    ASYNCCONTEXTMANAGER: "an @asynccontextmanager function",
-}
 _PRODUCES: dict[str, Callable[[Any], bool]] = {
     GENERATOR: inspect.isgenerator,
     ASYNCGEN: inspect.isasyncgen,
@@ -218,7 +172,7 @@ def _checked(wrapped: Any, kind: str, target: Any) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         made = wrapped(*args, **kwargs)
         if not _PRODUCES[kind](made):
-            raise _not_promised(made, kind, target)
+            raise not_what_it_was_taken_for(made, kind, target)
         return made
 
     return call
@@ -230,10 +184,10 @@ async def _run_coroutine(
     async with scope as conn:
         awaitable = _call(wrapped, args, kwargs, conn, where)
         if not inspect.isawaitable(awaitable):  # a wrapper that hid a sync function
-            raise _not_promised(awaitable, COROUTINE, wrapped)
+            raise not_what_it_was_taken_for(awaitable, COROUTINE, wrapped)
         result = await awaitable
         if result is not None and type(result) in DEFERRED:  # e.g. a forgotten await
-            _refuse_deferred(result, wrapped)
+            refuse_deferred(result, wrapped)
         return result
 
 
@@ -273,7 +227,7 @@ class _Block:
         inner = _call(self._wrapped, self._args, self._kwargs, conn, self._where)
         cls = type(inner)
         if not (hasattr(cls, enter) and hasattr(cls, leave)):
-            raise _not_promised(inner, kind, self._wrapped)
+            raise not_what_it_was_taken_for(inner, kind, self._wrapped)
         self._inner = inner
         self._exit = getattr(cls, leave)
         return getattr(cls, enter)
@@ -402,7 +356,7 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
                 # One set lookup (none for None): did it return code that would run
                 # only after the block? (e.g. a coroutine behind a plain wrapper)
                 if result is not None and type(result) in DEFERRED:
-                    _refuse_deferred(result, target)
+                    refuse_deferred(result, target)
             return result
         scope = ConnectionScope(
             pool if pool is not None else resolve_pool(None), key, close_on_error, separate
