@@ -5,6 +5,7 @@ from __future__ import annotations
 from pgctx.decorators import with_connection
 from pgctx.errors import (
     ConcurrentUseError,
+    JoinedCommitWarning,
     NoActiveConnection,
     NoDefaultPool,
     PgctxError,
@@ -33,6 +34,7 @@ __all__ = [
     "ConcurrentUseError",
     "ConnectionScope",
     "ConnectionScopesMixin",
+    "JoinedCommitWarning",
     "NoActiveConnection",
     "NoDefaultPool",
     "PersistentConnectionPool",

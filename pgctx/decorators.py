@@ -1,16 +1,19 @@
 """``@with_connection``: run a callable's body inside ``pool.connection()``.
 
-The wrapper is chosen by the callable's kind, found at decoration time (through
-``__func__`` for classmethods and staticmethods), because one sync wrapper
-around an ``async def`` or a generator would open and close the block before
-the body runs:
+The wrapper is chosen by the callable's kind (:mod:`pgctx.callkinds`), found at
+decoration time through ``__wrapped__``, ``functools.partial``, bound methods
+and ``classmethod``/``staticmethod``, because one sync wrapper around an ``async
+def`` or a generator would open and close the block before the body runs:
 
 - functions and methods: the call runs inside the block;
 - ``async def``: the block opens when the coroutine starts and closes when it
   finishes;
 - generators and async generators: the block opens at the first ``next()``
   and closes at exhaustion, ``close()`` or garbage collection; the connection
-  is bound only while the generator's body runs, so its consumer never sees it.
+  is bound only while the generator's body runs, so its consumer never sees it;
+- ``@contextmanager``/``@asynccontextmanager`` functions: the call returns a
+  context manager whose block opens at ``__enter__`` and ends at ``__exit__``;
+  the inner context manager is entered inside the block and exited before it.
 
 Built with wrapt, so ``inspect.signature`` and the kind tests report the
 original function. Place it above ``@classmethod``/``@staticmethod``.
@@ -19,12 +22,33 @@ original function. Place it above ``@classmethod``/``@staticmethod``.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import AsyncGenerator, Callable, Generator
+from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import wrapt
 
-from pgctx.registry import check_pool, get_mapping, resolve_pool, set_mapping
+from pgctx.callkinds import (
+    ASYNCCONTEXTMANAGER,
+    ASYNCGEN,
+    CONTEXTMANAGER,
+    COROUTINE,
+    DEFERRED,
+    GENERATOR,
+    kind_of,
+    not_what_it_was_taken_for,
+    own_kind,
+    refuse_deferred,
+)
+from pgctx.errors import ScopeError
+from pgctx.registry import (
+    _GENERATOR_FLAGS,
+    check_pool,
+    get_mapping,
+    resolve_pool,
+    set_mapping,
+)
 from pgctx.scope import ConnectionScope
 
 __all__ = ["with_connection"]
@@ -53,16 +77,6 @@ def _conn_position(func: Any) -> tuple[bool, int | None]:
             if param.kind is param.POSITIONAL_OR_KEYWORD:
                 return True, index
     return False, None
-
-
-def _kind(target: Any) -> str:
-    if inspect.isasyncgenfunction(target):
-        return "asyncgen"
-    if inspect.iscoroutinefunction(target):
-        return "coroutine"
-    if inspect.isgeneratorfunction(target):
-        return "generator"
-    return "function"
 
 
 def _call(wrapped: Any, args: Any, kwargs: Any, conn: Any, where: Any) -> Any:
@@ -146,23 +160,155 @@ async def _run_async_generator(
                 thrown = exc
 
 
+_PRODUCES: dict[str, Callable[[Any], bool]] = {
+    GENERATOR: inspect.isgenerator,
+    ASYNCGEN: inspect.isasyncgen,
+}
+
+
+def _checked(wrapped: Any, kind: str, target: Any) -> Callable[..., Any]:
+    """``wrapped``, checked to return the kind of object it was taken for."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        made = wrapped(*args, **kwargs)
+        if not _PRODUCES[kind](made):
+            raise not_what_it_was_taken_for(made, kind, target)
+        return made
+
+    return call
+
+
 async def _run_coroutine(
     scope: ConnectionScope, wrapped: Any, args: Any, kwargs: Any, where: Any
 ) -> Any:
     async with scope as conn:
-        return await _call(wrapped, args, kwargs, conn, where)
+        awaitable = _call(wrapped, args, kwargs, conn, where)
+        if not inspect.isawaitable(awaitable):  # a wrapper that hid a sync function
+            raise not_what_it_was_taken_for(awaitable, COROUTINE, wrapped)
+        result = await awaitable
+        if result is not None and type(result) in DEFERRED:  # e.g. a forgotten await
+            refuse_deferred(result, wrapped)
+        return result
 
 
-def _run_function(scope: ConnectionScope, wrapped: Any, args: Any, kwargs: Any, where: Any) -> Any:
-    with scope as conn:
-        return _call(wrapped, args, kwargs, conn, where)
+def _adopt(scope: ConnectionScope, caller: Any) -> None:
+    """Bind the block as if ``caller`` had entered it: inside a generator, only while it runs."""
+    scope._site = caller  # the place a JoinedCommitWarning names, if this block opened
+    handle = scope._handle
+    if handle is not None and caller.f_code.co_flags & _GENERATOR_FLAGS:
+        handle.frame = caller
+
+
+class _Block:
+    """What a decorated ``@contextmanager``/``@asynccontextmanager`` function returns."""
+
+    __slots__ = ("_args", "_exit", "_inner", "_kwargs", "_scope", "_state", "_where", "_wrapped")
+
+    def __init__(
+        self, scope: ConnectionScope, wrapped: Any, args: Any, kwargs: Any, where: Any
+    ) -> None:
+        self._scope = scope
+        self._wrapped = wrapped
+        self._args = args
+        self._kwargs = kwargs
+        self._where = where
+        self._state = 0
+
+    def _start(self) -> ConnectionScope:
+        if self._state:
+            raise ScopeError(
+                "a context manager returned by a @with_connection function can be entered "
+                "only once; call the function again for another block"
+            )
+        self._state = 1
+        return self._scope
+
+    def _inner_cm(self, conn: Any, enter: str, leave: str, kind: str) -> Any:
+        inner = _call(self._wrapped, self._args, self._kwargs, conn, self._where)
+        cls = type(inner)
+        if not (hasattr(cls, enter) and hasattr(cls, leave)):
+            raise not_what_it_was_taken_for(inner, kind, self._wrapped)
+        self._inner = inner
+        self._exit = getattr(cls, leave)
+        return getattr(cls, enter)
+
+
+class _BlockContextManager(_Block):
+    __slots__ = ()
+
+    def __enter__(self) -> Any:
+        scope = self._start()
+        conn = scope.__enter__()
+        try:
+            _adopt(scope, sys._getframe(1))
+            enter = self._inner_cm(conn, "__enter__", "__exit__", CONTEXTMANAGER)
+            value = enter(self._inner)
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._state = 2
+        return value
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if self._state != 2:
+            raise ScopeError("context manager exited without being entered")
+        self._state = 3
+        scope = self._scope
+        try:  # the inner context manager ends inside the block
+            suppressed = self._exit(self._inner, et, ev, tb)
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if suppressed:
+            scope.__exit__(None, None, None)
+            return True
+        scope.__exit__(et, ev, tb)
+        return False
+
+
+class _BlockAsyncContextManager(_Block):
+    __slots__ = ()
+
+    async def __aenter__(self) -> Any:
+        scope = self._start()
+        conn = await scope.__aenter__()
+        try:
+            _adopt(scope, sys._getframe(1))
+            enter = self._inner_cm(conn, "__aenter__", "__aexit__", ASYNCCONTEXTMANAGER)
+            value = await enter(self._inner)
+        except BaseException as exc:
+            await scope.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._state = 2
+        return value
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if self._state != 2:
+            raise ScopeError("async context manager exited without being entered")
+        self._state = 3
+        scope = self._scope
+        try:
+            suppressed = await self._exit(self._inner, et, ev, tb)
+        except BaseException as exc:
+            await scope.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        if suppressed:
+            await scope.__aexit__(None, None, None)
+            return True
+        await scope.__aexit__(et, ev, tb)
+        return False
 
 
 _RUNNERS: dict[str, Callable[..., Any]] = {
-    "function": _run_function,
-    "coroutine": _run_coroutine,
-    "generator": _run_generator,
-    "asyncgen": _run_async_generator,
+    COROUTINE: _run_coroutine,
+    GENERATOR: _run_generator,
+    ASYNCGEN: _run_async_generator,
+    CONTEXTMANAGER: _BlockContextManager,
+    ASYNCCONTEXTMANAGER: _BlockAsyncContextManager,
 }
 
 
@@ -172,8 +318,15 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
     func = target.__func__ if isinstance(target, (classmethod, staticmethod)) else target
     if not callable(func):
         raise TypeError(f"@with_connection needs a callable, got {type(target).__name__}")
-    runner = _RUNNERS[_kind(func)]
     declares, position = _conn_position(func)
+    kind = kind_of(target, injects_conn=declares)
+    runner = _RUNNERS.get(kind)
+    # Generators found behind a plain wrapper: check that the wrapper really returns one.
+    check = kind in _PRODUCES and own_kind(func) != kind
+    # When wrapt binds `target` to an instance or class, it passes the bound callable
+    # (not `target`) and drops the first parameter (self/cls) from args; a staticmethod
+    # loses nothing. A bound method, a partial or a callable object is passed as is.
+    shift = 0 if isinstance(target, staticmethod) else 1
 
     @wrapt.decorator
     def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -184,23 +337,33 @@ def _decorate(target: Any, pool: Any, key: Any, close_on_error: bool, separate: 
                 return wrapped(*args, **kwargs)
             where = _KEYWORD
             if position is not None:
-                index = position - (instance is not None)  # wrapt drops self/cls from args
-                if index < len(args):
+                index = position if wrapped is target else position - shift
+                if 0 <= index < len(args):
                     if args[index] is not None:
                         return wrapped(*args, **kwargs)
                     where = index
+        if runner is None:  # the hot path, inlined: one block around the call
+            with ConnectionScope(
+                pool if pool is not None else resolve_pool(None), key, close_on_error, separate
+            ) as conn:
+                if where is None:
+                    result = wrapped(*args, **kwargs)
+                elif where is _KEYWORD:
+                    kwargs[_CONN] = conn
+                    result = wrapped(*args, **kwargs)
+                else:
+                    result = _call(wrapped, args, kwargs, conn, where)
+                # One set lookup (none for None): did it return code that would run
+                # only after the block? (e.g. a coroutine behind a plain wrapper)
+                if result is not None and type(result) in DEFERRED:
+                    refuse_deferred(result, target)
+            return result
         scope = ConnectionScope(
             pool if pool is not None else resolve_pool(None), key, close_on_error, separate
         )
-        if runner is _run_function:  # the hot path, inlined: one block around the call
-            with scope as conn:
-                if where is None:
-                    return wrapped(*args, **kwargs)
-                if where is _KEYWORD:
-                    kwargs[_CONN] = conn
-                    return wrapped(*args, **kwargs)
-                return _call(wrapped, args, kwargs, conn, where)
-        return runner(scope, wrapped, args, kwargs, where)
+        return runner(
+            scope, _checked(wrapped, kind, target) if check else wrapped, args, kwargs, where
+        )
 
     return wrapper(target)
 
@@ -235,6 +398,9 @@ def with_connection(
     time when omitted, so decorating before ``set_default_pool()`` is fine. A
     function that declares a ``conn`` parameter receives the connection,
     unless its caller passes one. Nested decorated calls share the connection.
+    The block covers the body of ``async def`` functions, generators and
+    ``@contextmanager`` functions (the whole ``with`` body), also behind other
+    decorators; stackings no block can cover raise ``TypeError`` here.
     """
     if inspect.isclass(pool):
         raise TypeError("@with_connection decorates functions and methods, not classes")

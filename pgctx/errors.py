@@ -2,7 +2,8 @@
 
 ``PoolError`` *is* ``psycopg2.pool.PoolError``, so ``except PoolError`` clauses
 written for psycopg2 keep catching everything the pools raise. Every new pool
-error subclasses it; scope errors subclass ``PgctxError``.
+error subclasses it; scope errors subclass ``PgctxError``; warnings subclass
+``UserWarning``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,18 @@ class TransactionAborted(PgctxError):
     """A nested block failed, so the outer block rolled back instead of committing."""
 
 
+class JoinedCommitWarning(UserWarning):
+    """A block that joined an enclosing one committed or rolled back its transaction.
+
+    The enclosing block's work done before the join was committed (or undone) with
+    it, not at the end of the enclosing block. Seen in code rewritten from
+    getconn/commit/putconn to blocks that kept its own ``conn.commit()``.
+    """
+
+
 __all__ = [
     "ConcurrentUseError",
+    "JoinedCommitWarning",
     "NoActiveConnection",
     "NoDefaultPool",
     "PgctxError",

@@ -8,7 +8,8 @@ went away, whose protocol state is unknown, or that was interrupted in the
 middle of a query must be closed: rolling it back fails or, worse, hands the
 next borrower a connection in an undefined state.
 
-``end_transaction`` applies that rule when a unit of work ends; scopes use it.
+``end_transaction`` applies that rule when a unit of work ends, from the
+connection's state and the outcome of the rollback (not from the exception's type).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def is_disconnect(exc: BaseException | None, conn: Any = None) -> bool:
     errors with a SQLSTATE (``57014`` statement timeout, ``40001``, ``23505``...)
     leave the session usable after a rollback. With ``conn``, a closed or
     broken connection (see :func:`is_broken`) counts whatever ``exc`` is.
+
+    This answers "does this error look like a lost connection?" (for retries and
+    logging). pgctx's blocks and savepoints do not use it to decide what to do with
+    a connection: they look at the connection's own state and try the rollback, since
+    an ``InterfaceError`` such as "cursor already closed" also comes from healthy
+    connections.
     """
     if conn is not None and is_broken(conn):
         return True

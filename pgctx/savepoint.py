@@ -16,7 +16,7 @@ from typing import Any
 
 from pgctx._driver import extensions
 from pgctx.errors import NoActiveConnection, ScopeError, TransactionAborted
-from pgctx.health import is_disconnect
+from pgctx.health import is_broken
 from pgctx.registry import Binding, current_owner, find, resolve_pool
 from pgctx.transaction import add_note
 
@@ -97,11 +97,17 @@ class Savepoint:
                 )
             _execute(conn, f"RELEASE SAVEPOINT {self._name}")
             return
-        if is_disconnect(ev, conn):
-            return  # nothing to roll back to: the enclosing block discards the connection
+        # Decided from the connection, never from the exception's type: an
+        # InterfaceError or a class-08 SQLSTATE can come from a healthy connection
+        # ("cursor already closed"), and skipping the rollback then would let the
+        # enclosing block commit work this savepoint was meant to undo.
+        if is_broken(conn):
+            with binding.lock:  # nothing to roll back to: the unit cannot commit
+                binding.abort(ev)
+            return
         try:
             self._undo(binding)
-        except Exception as problem:
+        except Exception as problem:  # the rollback failed: the connection is broken
             with binding.lock:
                 binding.abort(ev)
             add_note(ev if ev is not None else problem, problem)

@@ -27,6 +27,7 @@ from threading import get_ident as _get_ident
 from types import FrameType, TracebackType
 from typing import Any
 
+from pgctx._driver import extensions
 from pgctx.errors import ScopeError, TransactionAborted
 from pgctx.registry import (
     _GENERATOR_FLAGS,
@@ -43,18 +44,21 @@ from pgctx.registry import (
 )
 from pgctx.registry import _bindings as _bindings
 from pgctx.requestscope import SCOPE_MARK, RequestScope, _Slot
-from pgctx.transaction import add_note, end_transaction
+from pgctx.transaction import add_note, end_transaction, warn_ended_by_joined_block
 
 __all__ = ["ConnectionScope", "ConnectionScopesMixin"]
 
 _OPENER, _JOINED, _HANDOFF = 0, 1, 2
 _OPEN = object()  # _join() found nothing to join: check a connection out
 _EMPTY: dict[Any, Any] = {}  # the mapping of a context with nothing bound (never mutated)
+_IDLE = extensions.TRANSACTION_STATUS_IDLE
+_INTRANS = extensions.TRANSACTION_STATUS_INTRANS
 
-# id(conn) -> binding, for every connection a block holds: a pool that hands out a
-# connection some block still holds (a PersistentConnectionPool used with two keys)
-# is refused instead of silently sharing one transaction.
-_live: dict[int, Binding] = {}
+# id(conn) -> the block that opened it, for every connection a block holds: a pool
+# that hands out a connection some block still holds (a PersistentConnectionPool used
+# with two keys) is refused instead of silently sharing one transaction; and a joined
+# block that commits the opener's work names where the opener is.
+_live: dict[int, ConnectionScope] = {}
 
 
 def _return_unclaimed(pool: Any) -> Callable[[Any], None]:
@@ -75,19 +79,23 @@ class ConnectionScope:
         "_close_on_error",
         "_frame",
         "_handle",
+        "_intrans",
         "_key",
         "_new",
         "_owner",
         "_pool",
         "_prev",
+        "_reported",
         "_role",
         "_separate",
+        "_site",
         "_slot",
         "_state",
     )
 
     _owner: Owner
     _prev: Mapping[Any, Any]
+    _site: FrameType | None
 
     def __init__(
         self, pool: Any, key: Any = None, close_on_error: bool = False, separate: bool = False
@@ -110,6 +118,7 @@ class ConnectionScope:
         if not self._state and not _bindings.get():
             frame = _getframe(1)
             self._frame = frame if frame.f_code.co_flags & _GENERATOR_FLAGS else None
+            self._site = frame  # the opener's place, named if a joined block commits
             self._prev = _EMPTY
             loop = _get_running_loop()
             self._owner = (_get_ident(), None if loop is None else _current_task(loop))
@@ -170,12 +179,15 @@ class ConnectionScope:
                 if joined:
                     self._binding = binding
                     self._state = 1
+                    # Open before the join and idle at its clean exit: someone committed.
+                    self._intrans = binding.conn.get_transaction_status() == _INTRANS
                     if handle.owner == me:
                         self._role = _JOINED
                     else:  # a hand-off: this context now shows the new owner
                         self._role = _HANDOFF
                         self._bind(slot_key, raw)
                     return binding.conn
+        self._site = frame if frame is not None else _getframe(2)  # the opener's place
         return _OPEN
 
     def _holder(self) -> RequestScope | None:
@@ -221,8 +233,8 @@ class ConnectionScope:
         return conn
 
     def _open(self, conn: Any) -> Any:
-        held = _live.get(id(conn))
-        if held is not None and held.conn is conn and not held.released:
+        opener = _live.get(id(conn))
+        if opener is not None and opener._binding.conn is conn and not opener._binding.released:
             if self._slot is not None:
                 self._slot.holder._give_back(self._slot, conn, False)
             raise ScopeError(
@@ -231,7 +243,7 @@ class ConnectionScope:
                 "no separate=True with it); the block was not entered"
             )
         binding = Binding(self._pool, self._key, conn, self._owner, self._close_on_error)
-        _live[id(conn)] = binding
+        _live[id(conn)] = self
         self._binding = binding
         self._role = _OPENER
         self._state = 1
@@ -272,6 +284,7 @@ class ConnectionScope:
             self._new = None
         if self._handle is not None:
             self._handle.active = False
+        self._site = None  # no frame (and its locals) kept alive by a finished block
         opener = self._role == _OPENER
         with binding.lock:
             owners = binding.owners
@@ -293,6 +306,10 @@ class ConnectionScope:
                 binding.released = True
         if finish:
             self._finish(binding, ev if et is not None else None)
+        elif not opener and et is None and self._intrans:
+            conn = binding.conn
+            if not conn.closed and conn.get_transaction_status() == _IDLE:
+                warn_ended_by_joined_block(_live.get(id(conn)), _getframe(1))
         elif opener and et is None:
             raise TransactionAborted(
                 "this block ended while another thread or task (or a suspended generator) "
@@ -302,6 +319,9 @@ class ConnectionScope:
 
     def _finish(self, binding: Binding, exc: BaseException | None) -> None:
         conn = binding.conn
+        # Still held here, so the entry is this binding's (a second holder is refused);
+        # once given back, the connection may be another block's.
+        _live.pop(id(conn), None)
         discard, problem = end_transaction(
             conn, exc, binding.aborted, binding.abort_cause, binding.close_on_error
         )
@@ -312,9 +332,6 @@ class ConnectionScope:
                 binding.pool.putconn(conn, close=discard)
         except BaseException as release_error:
             problem = problem or release_error
-        finally:
-            if _live.get(id(conn)) is binding:
-                del _live[id(conn)]
         if problem is not None:
             if exc is None or not isinstance(problem, Exception):
                 raise problem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,10 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import pgctx
 import pgctx.pool
 from pgctx.errors import ScopeError, TransactionAborted
 from pgctx.registry import current_connection
@@ -424,3 +428,78 @@ def test_cancelled_while_waiting_for_a_connection(dsn: str, app: str) -> None:
             pass
     finally:
         pool.closeall()
+
+
+# --- a joined block that ends the enclosing block's transaction ------------------------
+
+
+def _rewritten_put(pool: Pool, table: str, x: int, action: str) -> None:
+    """Library code rewritten from getconn/commit/putconn to a block, keeping its commit."""
+    with pool.connection() as conn:
+        insert(conn, table, x)
+        if action == "commit":
+            conn.commit()
+        elif action == "rollback":
+            conn.rollback()
+
+
+def _decorated_put(pool: Pool, table: str, x: int, action: str) -> None:
+    @pgctx.with_connection(pool)
+    def put(conn: Any = None) -> None:
+        _rewritten_put(pool, table, x, action)  # joins this block in turn
+
+    put()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    outer=st.sampled_from(["with", "decorated", "async with, to_thread"]),
+    inner=st.sampled_from([_rewritten_put, _decorated_put]),
+    outer_work=st.booleans(),
+    action=st.sampled_from(["commit", "rollback", "neither"]),
+)
+def test_a_joined_block_that_commits_the_enclosing_unit_warns(
+    table: str, pool: Pool, pg_admin: Any, outer: str, inner: Any, outer_work: bool, action: str
+) -> None:
+    """Detected without a round trip: the transaction was open when the block joined and
+    is idle at its clean exit. The warning names both blocks' places."""
+    with pg_admin.cursor() as cur:
+        cur.execute(f"DELETE FROM {table}")
+
+    def unit_of_work(conn: Any) -> None:
+        if outer_work:
+            insert(conn, table, 1)
+        inner(pool, table, 2, action)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if outer == "with":
+            with pool.connection() as conn:
+                unit_of_work(conn)
+        elif outer == "decorated":
+            pgctx.with_connection(pool)(unit_of_work)(None)
+        else:
+
+            async def main() -> None:
+                async with pool.connection() as conn:
+                    if outer_work:
+                        insert(conn, table, 1)
+                    await asyncio.to_thread(inner, pool, table, 2, action)  # a hand-off
+
+            asyncio.run(main())
+    found = [w for w in caught if issubclass(w.category, pgctx.JoinedCommitWarning)]
+    assert len(found) == (outer_work and action != "neither")  # once, by the innermost
+    if found:
+        message = str(found[0].message)
+        assert f"{__file__}:" in message and "_rewritten_put" in message
+        here = "test_a_joined_block_that_commits_the_enclosing_unit_warns()"
+        if outer == "decorated":
+            assert f"the call of @with_connection {unit_of_work.__qualname__} by {here}" in message
+        else:
+            assert ("main()" if outer.startswith("async") else here) in message
+        assert found[0].filename == __file__  # attributed to the joined block's line
+    assert in_use(pool) == 0
