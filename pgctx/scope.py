@@ -18,18 +18,20 @@ to it as a note). This module is the hot path: small classes with __slots__.
 
 from __future__ import annotations
 
-import asyncio
 from asyncio import current_task as _current_task
 from asyncio.events import _get_running_loop
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from sys import _getframe
 from threading import get_ident as _get_ident
 from types import FrameType, TracebackType
 from typing import Any
 
+from pgctx.asyncwait import getconn_async
 from pgctx.errors import ScopeError, TransactionAborted
+from pgctx.finalizers import COLLECTING, defer
 from pgctx.registry import (
     _GENERATOR_FLAGS,
+    GENERATOR_MARK,
     Binding,
     Handle,
     Owner,
@@ -38,7 +40,6 @@ from pgctx.registry import (
     get_mapping,
     hashable_key,
     resolve,
-    restore_mapping,
     set_mapping,
 )
 from pgctx.registry import _bindings as _bindings
@@ -55,16 +56,6 @@ _EMPTY: dict[Any, Any] = {}  # the mapping of a context with nothing bound (neve
 # connection some block still holds (a PersistentConnectionPool used with two keys)
 # is refused instead of silently sharing one transaction.
 _live: dict[int, Binding] = {}
-
-
-def _return_unclaimed(pool: Any) -> Callable[[Any], None]:
-    """A done-callback putting back a connection whose waiter was cancelled."""
-
-    def give_back(future: Any) -> None:
-        if not future.cancelled() and future.exception() is None:
-            pool.putconn(future.result())
-
-    return give_back
 
 
 class ConnectionScope:
@@ -154,9 +145,13 @@ class ConnectionScope:
         except TypeError:
             hashable_key(pool, self._key)  # raises a clear error
             raise
-        me = current_owner()
+        me = current_owner(mapping)
         self._owner = me
         self._prev = mapping
+        if frame is not None:
+            gen = mapping.get(GENERATOR_MARK)
+            if gen is not None and frame is gen.frame:
+                frame = None  # a decorated generator's body: the context is its own
         self._frame = frame
         if raw is not None and not self._separate:
             handle = resolve(raw, pool)
@@ -205,15 +200,11 @@ class ConnectionScope:
         if slot is not None and slot.conn is not None:
             self._slot = slot
             return slot.conn
-        pool = self._pool
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, pool.getconn)
         try:
-            conn = await asyncio.shield(future)
+            conn = await getconn_async(self._pool)
         except BaseException:
             if holder is not None and slot is not None:
                 holder._unreserve(slot)
-            future.add_done_callback(_return_unclaimed(pool))
             raise
         if slot is not None:
             slot.conn = conn
@@ -249,19 +240,14 @@ class ConnectionScope:
         self._new = {**self._prev, slot_key: handle}
         set_mapping(self._new)
 
-    def _detach(self) -> tuple[Any, Handle]:
-        """Unbind from the current context; return (mapping key, handle) to bind per step."""
-        if self._new is not None:
-            restore_mapping(self._prev, self._new)
-            self._new = None
-        if self._handle is not None:
-            self._handle.active = False
-        self._handle = Handle(self._binding, self._owner, None, None)
-        return hashable_key(self._pool, self._key), self._handle
-
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if COLLECTING[0] and COLLECTING[0] == _get_ident():
+            # a finalizer inside the garbage collector: never touch the interrupted
+            # context or wait for a lock this thread may hold (see pgctx.finalizers)
+            defer(self.__exit__, et, ev, tb)
+            return
         if self._state != 1:
             raise ScopeError("pool.connection() block exited without being entered")
         self._state = 2
@@ -291,6 +277,7 @@ class ConnectionScope:
                 finish = binding.orphaned and not binding.blocks
             if finish:
                 binding.released = True
+                owners.clear()  # claims left by children hold frames: drop them now
         if finish:
             self._finish(binding, ev if et is not None else None)
         elif opener and et is None:

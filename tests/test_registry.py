@@ -291,3 +291,156 @@ def test_raw_block_in_async_generator_is_not_visible_to_its_consumer(pool: Pool)
 
     asyncio.run(main())
     assert in_use(pool) == 0
+
+
+# -- children hold a parent's binding until they are done -------------------------------
+
+
+def _use(pool: Pool, table: str, n: int) -> None:
+    """What a child does with the parent's connection: find it and write through it."""
+    insert(current_connection(pool), table, n)
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_to_thread_children_are_refused(pool: Pool, pg_admin: Any, table: str) -> None:
+    both_in = threading.Barrier(2)
+
+    def child(n: int) -> None:
+        both_in.wait(30)  # both threads are running before either uses the connection
+        _use(pool, table, n)
+        both_in.wait(30)  # and neither is done before both have tried
+
+    def tolerant(n: int) -> Any:
+        try:
+            child(n)
+        except ConcurrentUseError as exc:
+            both_in.wait(30)
+            return exc
+        return None
+
+    async def main() -> list[Any]:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+            return await asyncio.gather(
+                asyncio.to_thread(tolerant, 2), asyncio.to_thread(tolerant, 3)
+            )
+
+    with pytest.raises(TransactionAborted) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.__cause__, ConcurrentUseError)
+    assert rows(pg_admin, table) == []  # the unit was marked failed: nothing committed
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_tasks_using_current_connection_are_refused(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    async def child(n: int, first_in: asyncio.Event, go: asyncio.Event) -> None:
+        _use(pool, table, n)
+        first_in.set()
+        await go.wait()  # not done yet: still holds the connection
+
+    async def main() -> None:
+        with pool.connection():
+            first_in, go = asyncio.Event(), asyncio.Event()
+            first = asyncio.create_task(child(1, first_in, go))
+            await first_in.wait()
+            with pytest.raises(ConcurrentUseError, match="separate=True"):
+                await asyncio.create_task(child(2, asyncio.Event(), go))
+            with pytest.raises(ConcurrentUseError):
+                current_connection(pool)  # nor may the parent while the child is not done
+            go.set()
+            await first
+            current_connection(pool)  # the child is done: the parent may use it again
+
+    with pytest.raises(TransactionAborted):
+        asyncio.run(main())
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="TaskGroup came in 3.11")
+@pytest.mark.timeout(60)
+def test_task_group_children_are_refused(pool: Pool, pg_admin: Any, table: str) -> None:
+    async def child(n: int, barrier: AsyncBarrier) -> None:
+        await barrier.wait()
+        _use(pool, table, n)
+        await barrier.wait2()  # type: ignore[attr-defined]
+
+    class TwoBarriers(AsyncBarrier):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self._second = AsyncBarrier(2)
+
+        async def wait2(self) -> None:
+            await self._second.wait()
+
+    async def main() -> None:
+        with pool.connection():
+            barrier = TwoBarriers()
+            try:
+                async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+                    group.create_task(child(1, barrier))
+                    group.create_task(child(2, barrier))
+            except BaseException as exc:  # an ExceptionGroup on 3.11+
+                errors = exc.exceptions  # type: ignore[attr-defined]
+                assert [type(e) for e in errors] == [ConcurrentUseError]
+            else:
+                raise AssertionError("the second child was not refused")
+
+    with pytest.raises(TransactionAborted):
+        asyncio.run(main())
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_long_sequential_hand_off_chains_join(pool: Pool, pg_admin: Any, table: str) -> None:
+    """Hundreds of hand-offs landing on whichever worker thread is free: no false refusal."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=8))
+        with pool.connection() as conn:
+            for n in range(300):
+                await asyncio.to_thread(_use, pool, table, n)
+                if n % 7 == 0:
+                    assert current_connection(pool) is conn  # the parent, between hand-offs
+                if n % 11 == 0:
+                    await asyncio.create_task(asyncio.to_thread(_use, pool, table, 1000 + n))
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == sorted(
+        list(range(300)) + [1000 + n for n in range(300) if n % 11 == 0]
+    )
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_executor_hand_offs_with_copy_context(pool: Pool, pg_admin: Any, table: str) -> None:
+    with (
+        pytest.raises(TransactionAborted),
+        ThreadPoolExecutor(max_workers=4) as executor,
+        pool.connection() as conn,
+    ):
+        for n in range(100):  # sequential: each job is done before the next starts
+            executor.submit(contextvars.copy_context().run, _use, pool, table, n).result(30)
+        assert current_connection(pool) is conn
+        gate = threading.Event()
+        inside = threading.Event()
+
+        def holder() -> None:
+            _use(pool, table, 500)
+            inside.set()
+            gate.wait(30)
+
+        first = executor.submit(contextvars.copy_context().run, holder)
+        assert inside.wait(30)
+        second = executor.submit(contextvars.copy_context().run, _use, pool, table, 501)
+        with pytest.raises(ConcurrentUseError):
+            second.result(30)
+        gate.set()
+        first.result(30)
+    assert rows(pg_admin, table) == []  # the refused concurrent use failed the unit
+    assert in_use(pool) == 0
