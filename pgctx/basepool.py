@@ -150,9 +150,10 @@ class AbstractConnectionPool(PoolCore):
     ) -> Connection | None:
         """Wait to be served: a connection, or None for a slot to connect in."""
         assert deadline is not None
-        if started is None:
-            started = time.monotonic()
-        waiter.wait(max(0.0, deadline - started))  # the deadline may be past (a slow check)
+        now = time.monotonic()
+        if started is None:  # else: queued earlier without blocking (_checkout_nowait)
+            started = now
+        waiter.wait(max(0.0, deadline - now))  # the deadline may be past (a slow check)
         with self._lock:
             waited = time.monotonic() - started
             self._stats.requests_wait_ms += waited * 1000

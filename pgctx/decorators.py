@@ -142,7 +142,8 @@ def _run_generator(
             raise
     finally:
         owner.stepper = None
-    owner.frame = getattr(gen, "gi_frame", None)
+    frame = getattr(gen, "gi_frame", None)
+    owner.frame = None if frame is None else id(frame)
     value: Any = None
     thrown: BaseException | None = None
     try:
@@ -225,7 +226,8 @@ async def _run_async_generator(
             raise
     finally:
         owner.stepper = None
-    owner.frame = getattr(agen, "ag_frame", None)
+    frame = getattr(agen, "ag_frame", None)
+    owner.frame = None if frame is None else id(frame)
     value: Any = None
     thrown: BaseException | None = None
     try:

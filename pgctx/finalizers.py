@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,8 +76,11 @@ def janitor_idle() -> bool:
 
 
 def _work(jobs: Any) -> None:
+    sleep = time.sleep
     while True:
         fn, args = jobs.get()
+        while COLLECTING[0]:  # let the collection that queued it finish its finalizers first
+            sleep(0.001)
         try:
             contextvars.Context().run(fn, *args)
         except BaseException:  # a finalizer's error has nowhere else to go

@@ -92,7 +92,7 @@ class GeneratorOwner:
     """The owner a decorated generator's body acts as while a thread or task steps it.
 
     ``stepper`` is the (thread, task) stepping it right now, or None between
-    steps; ``frame`` is the body's frame, whose blocks stay visible to the tasks
+    steps; ``frame`` is the id of the body's frame, whose blocks stay visible to the tasks
     and threads the body starts; ``done`` is set when the generator has finished.
     """
 
@@ -102,7 +102,7 @@ class GeneratorOwner:
         self.name = name
         self.owner: Owner = (0, self)
         self.stepper: Owner | None = None
-        self.frame: FrameType | None = None
+        self.frame: int | None = None  # an id: a frame holds its locals (3.10: the generator)
         self.done = False
 
     def __repr__(self) -> str:
@@ -302,20 +302,21 @@ class Handle:
 
     __slots__ = ("active", "binding", "frame", "owner", "parent")
 
-    def __init__(
-        self, binding: Binding, owner: Owner, parent: Any, frame: FrameType | None
-    ) -> None:
+    def __init__(self, binding: Binding, owner: Owner, parent: Any, frame: int | None) -> None:
         self.binding = binding
         self.owner = owner
         self.parent = parent  # the handle this one shadows in its context, or None
-        self.frame = frame  # the generator frame that created it, or None
+        # the id of the generator frame that created it, or None. Not the frame: a
+        # context holding it would keep an abandoned generator alive on 3.10 (the frame
+        # holds its locals), and the id cannot be reused before the block has ended.
+        self.frame = frame
         self.active = True
 
 
-def _frame_running(frame: FrameType) -> bool:
+def _frame_running(frame: int) -> bool:
     f: FrameType | None = sys._getframe(1)
     while f is not None:
-        if f is frame:
+        if id(f) == frame:
             return True
         f = f.f_back
     return False
@@ -334,6 +335,18 @@ def resolve(handle: Any, pool: Any) -> Handle | None:
             return handle  # type: ignore[no-any-return]
         handle = handle.parent
     return None
+
+
+def unexpired(handle: Any) -> Any:
+    """``handle``'s chain without the handles in front whose block has ended.
+
+    A block that ends in another context (an abandoned generator) cannot put the
+    mapping back, so its dead handle stays where it was; dropping it when the next
+    handle is stacked keeps chains from growing with every such block.
+    """
+    while handle is not None and (not handle.active or handle.binding.released):
+        handle = handle.parent
+    return handle
 
 
 def generator_frame(depth: int) -> FrameType | None:

@@ -41,6 +41,7 @@ from pgctx.registry import (
     hashable_key,
     resolve,
     set_mapping,
+    unexpired,
 )
 from pgctx.registry import _bindings as _bindings
 from pgctx.requestscope import SCOPE_MARK, RequestScope, _Slot
@@ -100,7 +101,7 @@ class ConnectionScope:
         # there is nothing to join and no request scope to use.
         if not self._state and not _bindings.get():
             frame = _getframe(1)
-            self._frame = frame if frame.f_code.co_flags & _GENERATOR_FLAGS else None
+            self._frame = id(frame) if frame.f_code.co_flags & _GENERATOR_FLAGS else None
             self._prev = _EMPTY
             loop = _get_running_loop()
             self._owner = (_get_ident(), None if loop is None else _current_task(loop))
@@ -148,11 +149,11 @@ class ConnectionScope:
         me = current_owner(mapping)
         self._owner = me
         self._prev = mapping
+        self._frame = None
         if frame is not None:
             gen = mapping.get(GENERATOR_MARK)
-            if gen is not None and frame is gen.frame:
-                frame = None  # a decorated generator's body: the context is its own
-        self._frame = frame
+            if gen is None or id(frame) != gen.frame:  # else a decorated generator's body,
+                self._frame = id(frame)  # whose context is its own
         if raw is not None and not self._separate:
             handle = resolve(raw, pool)
             if handle is not None:
@@ -228,7 +229,8 @@ class ConnectionScope:
         self._state = 1
         slot_key = (id(self._pool), self._key)
         prev = self._prev
-        handle = Handle(binding, self._owner, prev.get(slot_key) if prev else None, self._frame)
+        parent = unexpired(prev.get(slot_key)) if prev else None
+        handle = Handle(binding, self._owner, parent, self._frame)
         self._handle = handle
         self._new = {**prev, slot_key: handle} if prev else {slot_key: handle}
         _bindings.set(self._new)
