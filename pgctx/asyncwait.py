@@ -109,10 +109,11 @@ def _return_unclaimed(pool: Any) -> Callable[[Any], None]:
 
 
 async def _in_thread(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(_own_executor(), fn, *args)
+    """``fn(*args)`` in pgctx's executor; if the caller is cancelled, the connection it
+    returns is put back by the worker thread (not the loop, which may be closing)."""
+    future = _own_executor().submit(fn, *args)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(asyncio.wrap_future(future))
     except BaseException:
         future.add_done_callback(_return_unclaimed(pool))
         raise
@@ -140,9 +141,8 @@ async def getconn_async(pool: Any) -> Any:
         try:
             await waiter.future
         except BaseException:  # cancelled: give back whatever the pool hands it
-            loop.run_in_executor(
-                _own_executor(), pool._checkout_queued, waiter, time.monotonic()
-            ).add_done_callback(_return_unclaimed(pool))
+            cleanup = _own_executor().submit(pool._checkout_queued, waiter, time.monotonic())
+            cleanup.add_done_callback(_return_unclaimed(pool))
             raise
         finally:
             timer.cancel()

@@ -499,3 +499,31 @@ def test_abandoned_async_generator_is_closed_by_the_loop(pool: Pool) -> None:
 
     asyncio.run(main())
     assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_generator_streamed_through_starlettes_threadpool(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    """A StreamingResponse body: each next() on whichever anyio worker is free."""
+    concurrency = pytest.importorskip("starlette.concurrency")
+
+    @with_connection
+    def export(conn: Any = None) -> Iterator[int]:
+        for i in range(30):
+            insert(current_connection(), table, i)
+            yield i
+
+    async def main() -> list[int]:
+        with pool.connection() as outer:  # the generator joins the endpoint's block
+            got = [i async for i in concurrency.iterate_in_threadpool(export())]
+            for n in range(30):  # and sequential hand-offs to the same threadpool
+                await concurrency.run_in_threadpool(
+                    lambda n=n: insert(current_connection(), table, 100 + n)  # in the worker
+                )
+            assert current_connection() is outer
+            return got
+
+    assert asyncio.run(main()) == list(range(30))
+    assert rows(pg_admin, table) == list(range(30)) + list(range(100, 130))
+    assert in_use(pool) == 0

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pgctx.pool
 from pgctx import registry
@@ -443,4 +445,97 @@ def test_executor_hand_offs_with_copy_context(pool: Pool, pg_admin: Any, table: 
         gate.set()
         first.result(30)
     assert rows(pg_admin, table) == []  # the refused concurrent use failed the unit
+    assert in_use(pool) == 0
+
+
+def _select(pool: Pool) -> None:
+    with current_connection(pool).cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    phases=st.lists(
+        st.tuples(
+            st.sampled_from(["task", "thread"]), st.sampled_from(["task", "thread"]), st.booleans()
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+@pytest.mark.timeout(300)
+def test_random_schedules_of_children(pool: Pool, phases: list[tuple[str, str, bool]]) -> None:
+    """Sequential children (any kind, any worker) join; of two at once the second is refused."""
+
+    async def child(
+        kind: str, before: threading.Event | None, after: threading.Event | None
+    ) -> Any:
+        def body() -> Any:
+            if before is not None:
+                assert before.wait(30)
+            try:
+                _select(pool)
+            except ConcurrentUseError as exc:
+                return exc
+            finally:
+                if after is not None:
+                    after.set()
+            return None
+
+        if kind == "thread":
+            return await asyncio.to_thread(body)
+
+        async def in_task() -> Any:
+            loop = asyncio.get_running_loop()
+            if before is not None:  # run_in_executor copies no context: not a user
+                assert await loop.run_in_executor(None, before.wait, 30)
+            try:
+                _select(pool)
+            except ConcurrentUseError as exc:
+                return exc
+            finally:
+                if after is not None:
+                    after.set()
+            return None
+
+        return await asyncio.create_task(in_task())
+
+    async def holder(kind: str, used: threading.Event, release: threading.Event) -> Any:
+        def body() -> None:
+            _select(pool)
+            used.set()
+            assert release.wait(30)  # not done until the other child has tried
+
+        if kind == "thread":
+            return await asyncio.to_thread(body)
+
+        async def in_task() -> None:
+            _select(pool)
+            used.set()
+            assert await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+
+        return await asyncio.create_task(in_task())
+
+    async def main() -> None:
+        with pool.connection():
+            for first, second, at_once in phases:
+                if at_once:
+                    used, tried = threading.Event(), threading.Event()
+                    results = await asyncio.gather(
+                        holder(first, used, tried), child(second, used, tried)
+                    )
+                    assert results[0] is None
+                    assert isinstance(results[1], ConcurrentUseError)
+                else:
+                    assert await child(first, None, None) is None
+                    assert await child(second, None, None) is None
+                _select(pool)  # the children are done: the parent uses it again
+
+    if any(at_once for _, _, at_once in phases):
+        with pytest.raises(TransactionAborted):
+            asyncio.run(main())
+    else:
+        asyncio.run(main())
     assert in_use(pool) == 0
