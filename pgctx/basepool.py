@@ -198,8 +198,8 @@ class AbstractConnectionPool(PoolCore):
             self._stats.connections_lost += 1
         self._close(conn)
 
-    def _enqueue(self, key: Any, deadline: float | None) -> Waiter:
-        """Queue a caller for a connection, or refuse it (lock held)."""
+    def _enqueue(self, key: Any, deadline: float | None, waiter: Waiter | None = None) -> Waiter:
+        """Queue a caller (``waiter``, or a new one) for a connection, or refuse it (lock held)."""
         if deadline is None:
             raise PoolError("connection pool exhausted")
         if self.max_waiting and len(self._waiters) >= self.max_waiting:
@@ -209,17 +209,24 @@ class AbstractConnectionPool(PoolCore):
                 f"waiting (max_waiting={self.max_waiting})"
             )
         self._stats.requests_queued += 1
-        waiter = Waiter(key)
+        if waiter is None:
+            waiter = Waiter(key)
         self._waiters.append(waiter)
         return waiter
 
     def _await_turn(
-        self, waiter: Waiter, timeout: float | None, deadline: float | None
+        self,
+        waiter: Waiter,
+        timeout: float | None,
+        deadline: float | None,
+        started: float | None = None,
     ) -> Connection | None:
         """Wait to be served: a connection, or None for a slot to connect in."""
         assert deadline is not None
-        started = time.monotonic()
-        waiter.wait(max(0.0, deadline - started))  # the deadline may be past (a slow check)
+        now = time.monotonic()
+        if started is None:  # else: queued earlier without blocking (_checkout_nowait)
+            started = now
+        waiter.wait(max(0.0, deadline - now))  # the deadline may be past (a slow check)
         with self._lock:
             waited = time.monotonic() - started
             self._stats.requests_wait_ms += waited * 1000
@@ -285,6 +292,62 @@ class AbstractConnectionPool(PoolCore):
             raise PoolError("connection pool is closed")
         assert existing is not None
         return existing
+
+    # -- checkout for callers that must not block (pgctx.scope's async blocks) --------
+
+    def _checkout_nowait(
+        self, waiter: Waiter, deadline: float | None
+    ) -> Connection | Waiter | None:
+        """Start a checkout without blocking, under an automatic key set on ``waiter``.
+
+        Returns an idle connection when one needs no check; ``waiter`` when it was
+        queued (first come, first served; ``waiter.wake()`` is called once it is
+        served) or served at once with a free slot (``may_connect``); then
+        ``_checkout_queued`` finishes the checkout. Returns None when the ordinary
+        ``_acquire`` must run (a lifecycle policy decides about idle connections).
+        Raises what getconn raises at once (closed, exhausted, too many waiters).
+        """
+        with self._lock:
+            if self.closed:
+                raise PoolError("connection pool is closed")
+            self._keys += 1
+            key = waiter.key = (AUTO, self._keys)
+            self._stats.requests_num += 1
+            if self._life is not None and self._pool:
+                return None
+            idle = self._pool
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    self._used[key] = conn
+                    self._rused[id(conn)] = key
+                    return conn
+                self._stats.connections_lost += 1
+            if len(self._used) + self._connecting < self.maxconn:
+                self._connecting += 1
+                waiter.may_connect = True
+                waiter.wake()
+                return waiter
+            return self._enqueue(key, deadline, waiter)
+
+    def _checkout_queued(self, waiter: Waiter, deadline: float | None) -> Connection:
+        """Finish a checkout that ``_checkout_nowait`` returned ``waiter`` for, once it was
+        woken or ``deadline`` has passed: the connection handed over (checked if the
+        policy says so) or one opened in the slot handed over. May block: connects and
+        checks run here."""
+        key, timeout = waiter.key, self.timeout
+        if deadline is None:  # never queued without one: served at once with a slot
+            conn = None
+        else:  # woken, or past the deadline: returns at once
+            conn = self._await_turn(waiter, timeout, deadline, deadline - (timeout or 0.0))
+        if conn is None:
+            return self._connect_reserved(key, timeout, deadline)
+        life = self._life
+        if not waiter.must_check or (life is not None and life.passes_check(conn, deadline)):
+            return conn
+        self._drop_taken(key, conn)
+        assert deadline is not None
+        return self._acquire(key, max(0.0, deadline - time.monotonic()))
 
     def _maintain(self) -> None:
         """Recycle stale idle connections, report leaks, refill to ``minconn``."""

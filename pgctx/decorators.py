@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+import types
 from collections.abc import AsyncGenerator, Callable, Generator
+from contextvars import Context, copy_context
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -42,12 +44,16 @@ from pgctx.callkinds import (
     refuse_deferred,
 )
 from pgctx.errors import ScopeError
+from pgctx.finalizers import defer, in_collector
 from pgctx.registry import (
     _GENERATOR_FLAGS,
+    GENERATOR_MARK,
+    GeneratorOwner,
     check_pool,
     get_mapping,
     resolve_pool,
     set_mapping,
+    stepper,
 )
 from pgctx.scope import ConnectionScope
 
@@ -89,75 +95,211 @@ def _call(wrapped: Any, args: Any, kwargs: Any, conn: Any, where: Any) -> Any:
     return wrapped(*args[:where], conn, *args[where + 1 :], **kwargs)
 
 
-def _step(slot_key: Any, handle: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run one step of a generator with its connection bound in this context."""
-    previous = get_mapping()
-    set_mapping({**previous, slot_key: handle})
+def _open(scope: ConnectionScope, owner: GeneratorOwner) -> Any:
+    """Enter the generator's block in its own context, the generator as its owner.
+
+    Called through ``Context.run`` from a plain function frame, so the binding is
+    not tied to a generator frame: the tasks and threads the body starts see it.
+    """
+    set_mapping({**get_mapping(), GENERATOR_MARK: owner})
+    return scope.__enter__()
+
+
+async def _aopen(scope: ConnectionScope, owner: GeneratorOwner) -> Any:
+    set_mapping({**get_mapping(), GENERATOR_MARK: owner})
+    return await scope.__aenter__()
+
+
+def _name(wrapped: Any) -> str:
+    return str(getattr(wrapped, "__qualname__", None) or repr(wrapped))
+
+
+def _close_later(ctx: Context, owner: GeneratorOwner, gen: Any, scope: ConnectionScope) -> None:
+    """A generator finalized by the garbage collector, closed in the janitor thread."""
+    owner.stepper = stepper()
     try:
-        return fn(*args)
+        ctx.run(_close_and_exit, gen, scope)
     finally:
-        set_mapping(previous)
+        owner.stepper = None
+        owner.done = True
+
+
+def _close_and_exit(gen: Any, scope: ConnectionScope) -> None:
+    exit_error: BaseException = GeneratorExit()
+    try:
+        gen.close()
+    except BaseException as exc:
+        exit_error = exc
+        raise
+    finally:
+        scope.__exit__(type(exit_error), exit_error, exit_error.__traceback__)
 
 
 def _run_generator(
     scope: ConnectionScope, wrapped: Any, args: Any, kwargs: Any, where: Any
 ) -> Generator[Any, Any, Any]:
-    with scope as conn:
-        slot_key, handle = scope._detach()
-        gen = _call(wrapped, args, kwargs, conn, where)
-        value: Any = None
-        thrown: BaseException | None = None
+    """Drive the decorated generator, each step in its own context (copied at the first)."""
+    owner = GeneratorOwner(_name(wrapped))
+    ctx = copy_context()
+    owner.stepper = stepper()
+    try:
+        conn = ctx.run(_open, scope, owner)
+        try:
+            gen = ctx.run(_call, wrapped, args, kwargs, conn, where)
+        except BaseException as exc:
+            ctx.run(scope.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+    finally:
+        owner.stepper = None
+    frame = getattr(gen, "gi_frame", None)
+    owner.frame = None if frame is None else id(frame)
+    value: Any = None
+    thrown: BaseException | None = None
+    try:
         while True:
+            owner.stepper = stepper()
             try:
-                if thrown is None:
-                    item = _step(slot_key, handle, gen.send, value)
-                else:
-                    item = _step(slot_key, handle, gen.throw, thrown)
-            except StopIteration as stop:
-                return stop.value
+                item = ctx.run(gen.send, value) if thrown is None else ctx.run(gen.throw, thrown)
+            finally:
+                owner.stepper = None
             thrown = None
             try:
                 value = yield item
             except GeneratorExit:
-                _step(slot_key, handle, gen.close)
+                if in_collector():  # see pgctx.finalizers: not here, not now
+                    defer(_close_later, ctx, owner, gen, scope)
+                    raise
+                owner.stepper = stepper()
+                ctx.run(gen.close)
                 raise
             except BaseException as exc:
                 thrown = exc
+    except StopIteration as stop:
+        owner.stepper = stepper()
+        try:
+            ctx.run(scope.__exit__, None, None, None)
+        finally:
+            owner.stepper = None
+            owner.done = True
+        return stop.value
+    except BaseException as exc:
+        if not owner.done and not (isinstance(exc, GeneratorExit) and in_collector()):
+            owner.stepper = stepper()
+            try:
+                ctx.run(scope.__exit__, type(exc), exc, exc.__traceback__)
+            finally:
+                owner.stepper = None
+                owner.done = True
+        raise
 
 
-async def _astep(slot_key: Any, handle: Any, awaitable_fn: Callable[..., Any], *args: Any) -> Any:
-    previous = get_mapping()
-    set_mapping({**previous, slot_key: handle})
-    try:
-        return await awaitable_fn(*args)
-    finally:
-        set_mapping(previous)
+@types.coroutine
+def _in_context(ctx: Context, awaitable: Any) -> Generator[Any, Any, Any]:
+    """Await ``awaitable`` with each of its steps run in ``ctx``.
+
+    The futures it yields go out to the event loop unchanged, so the loop sees the
+    same awaits (and cancellations come back in the same way).
+    """
+    coro = awaitable.__await__() if not hasattr(awaitable, "send") else awaitable
+    send: Any = coro.send
+    arg: Any = None
+    while True:
+        try:
+            future = ctx.run(send, arg)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            arg = yield future
+            send = coro.send
+        except GeneratorExit:
+            ctx.run(coro.close)
+            raise
+        except BaseException as exc:
+            arg = exc
+            send = coro.throw
 
 
 async def _run_async_generator(
     scope: ConnectionScope, wrapped: Any, args: Any, kwargs: Any, where: Any
 ) -> AsyncGenerator[Any, Any]:
-    async with scope as conn:
-        slot_key, handle = scope._detach()
-        agen = _call(wrapped, args, kwargs, conn, where)
-        value: Any = None
-        thrown: BaseException | None = None
+    """Drive the decorated async generator, each step in its own context."""
+    owner = GeneratorOwner(_name(wrapped))
+    ctx = copy_context()
+    owner.stepper = stepper()
+    try:
+        conn = await _in_context(ctx, _aopen(scope, owner))
+        try:
+            agen = ctx.run(_call, wrapped, args, kwargs, conn, where)
+        except BaseException as exc:
+            ctx.run(scope.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+    finally:
+        owner.stepper = None
+    frame = getattr(agen, "ag_frame", None)
+    owner.frame = None if frame is None else id(frame)
+    value: Any = None
+    thrown: BaseException | None = None
+    try:
         while True:
+            owner.stepper = stepper()
             try:
                 if thrown is None:
-                    item = await _astep(slot_key, handle, agen.asend, value)
+                    item = await _in_context(ctx, agen.asend(value))
                 else:
-                    item = await _astep(slot_key, handle, agen.athrow, thrown)
-            except StopAsyncIteration:
-                return
+                    item = await _in_context(ctx, agen.athrow(thrown))
+            finally:
+                owner.stepper = None
             thrown = None
             try:
                 value = yield item
             except GeneratorExit:
-                await _astep(slot_key, handle, agen.aclose)
+                if in_collector():  # no loop to close it on: see pgctx.finalizers
+                    defer(_aclose_later, ctx, owner, agen, scope)
+                    raise
+                owner.stepper = stepper()
+                await _in_context(ctx, agen.aclose())
                 raise
             except BaseException as exc:
                 thrown = exc
+    except StopAsyncIteration:
+        owner.stepper = stepper()
+        try:
+            ctx.run(scope.__exit__, None, None, None)
+        finally:
+            owner.stepper = None
+            owner.done = True
+    except BaseException as exc:
+        if not owner.done and not (isinstance(exc, GeneratorExit) and in_collector()):
+            owner.stepper = stepper()
+            try:
+                ctx.run(scope.__exit__, type(exc), exc, exc.__traceback__)
+            finally:
+                owner.stepper = None
+                owner.done = True
+        raise
+
+
+def _aclose_later(ctx: Context, owner: GeneratorOwner, agen: Any, scope: ConnectionScope) -> None:
+    """An async generator finalized by the collector outside any event loop: close it
+    here if it finishes without awaiting anything; the block is ended either way."""
+    owner.stepper = stepper()
+    closing = agen.aclose()
+    exit_error: BaseException = GeneratorExit()
+    try:
+        ctx.run(closing.send, None)
+    except StopIteration:
+        pass
+    except BaseException as exc:
+        exit_error = exc
+    else:
+        ctx.run(closing.close)
+        exit_error = RuntimeError("the async generator awaited while being closed outside a loop")
+    finally:
+        try:
+            ctx.run(scope.__exit__, type(exit_error), exit_error, exit_error.__traceback__)
+        finally:
+            owner.stepper = None
+            owner.done = True
 
 
 _PRODUCES: dict[str, Callable[[Any], bool]] = {
@@ -193,10 +335,13 @@ async def _run_coroutine(
 
 def _adopt(scope: ConnectionScope, caller: Any) -> None:
     """Bind the block as if ``caller`` had entered it: inside a generator, only while it runs."""
-    scope._site = caller  # the place a JoinedCommitWarning names, if this block opened
+    scope._site = id(caller)  # the place a JoinedCommitWarning names, if this block opened
+    scope._site_code = caller.f_code
     handle = scope._handle
     if handle is not None and caller.f_code.co_flags & _GENERATOR_FLAGS:
-        handle.frame = caller
+        gen = get_mapping().get(GENERATOR_MARK)
+        if gen is None or id(caller) != gen.frame:  # a decorated generator's context is its own
+            handle.frame = id(caller)
 
 
 class _Block:

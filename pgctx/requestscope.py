@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from pgctx.errors import ScopeError
+from pgctx.finalizers import defer, in_collector
 from pgctx.registry import get_mapping, restore_mapping, set_mapping
 from pgctx.transaction import add_note, roll_back_for_return
 
@@ -115,6 +116,9 @@ class RequestScope:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if in_collector():  # a finalizer inside the garbage collector: see pgctx.finalizers
+            defer(self.__exit__, et, ev, tb)
+            return
         if self._state != 1:
             raise ScopeError("pool.scope() exited without being entered")
         self._state = 2

@@ -18,19 +18,21 @@ to it as a note). This module is the hot path: small classes with __slots__.
 
 from __future__ import annotations
 
-import asyncio
 from asyncio import current_task as _current_task
 from asyncio.events import _get_running_loop
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from sys import _getframe
 from threading import get_ident as _get_ident
 from types import FrameType, TracebackType
 from typing import Any
 
 from pgctx._driver import extensions
+from pgctx.asyncwait import getconn_async
 from pgctx.errors import ScopeError, TransactionAborted
+from pgctx.finalizers import COLLECTING, defer
 from pgctx.registry import (
     _GENERATOR_FLAGS,
+    GENERATOR_MARK,
     Binding,
     Handle,
     Owner,
@@ -39,8 +41,8 @@ from pgctx.registry import (
     get_mapping,
     hashable_key,
     resolve,
-    restore_mapping,
     set_mapping,
+    unexpired,
 )
 from pgctx.registry import _bindings as _bindings
 from pgctx.requestscope import SCOPE_MARK, RequestScope, _Slot
@@ -61,16 +63,6 @@ _INTRANS = extensions.TRANSACTION_STATUS_INTRANS
 _live: dict[int, ConnectionScope] = {}
 
 
-def _return_unclaimed(pool: Any) -> Callable[[Any], None]:
-    """A done-callback putting back a connection whose waiter was cancelled."""
-
-    def give_back(future: Any) -> None:
-        if not future.cancelled() and future.exception() is None:
-            pool.putconn(future.result())
-
-    return give_back
-
-
 class ConnectionScope:
     """``with pool.connection(key) as conn:``; fresh per use, entered once."""
 
@@ -89,13 +81,14 @@ class ConnectionScope:
         "_role",
         "_separate",
         "_site",
+        "_site_code",
         "_slot",
         "_state",
     )
 
     _owner: Owner
     _prev: Mapping[Any, Any]
-    _site: FrameType | None
+    _site: int | None  # id() of the opener's frame: no frame kept alive by a block
 
     def __init__(
         self, pool: Any, key: Any = None, close_on_error: bool = False, separate: bool = False
@@ -117,8 +110,9 @@ class ConnectionScope:
         # there is nothing to join and no request scope to use.
         if not self._state and not _bindings.get():
             frame = _getframe(1)
-            self._frame = frame if frame.f_code.co_flags & _GENERATOR_FLAGS else None
-            self._site = frame  # the opener's place, named if a joined block commits
+            self._frame = id(frame) if frame.f_code.co_flags & _GENERATOR_FLAGS else None
+            self._site = id(frame)  # the opener's place, named if a joined block commits
+            self._site_code = frame.f_code
             self._prev = _EMPTY
             loop = _get_running_loop()
             self._owner = (_get_ident(), None if loop is None else _current_task(loop))
@@ -163,10 +157,14 @@ class ConnectionScope:
         except TypeError:
             hashable_key(pool, self._key)  # raises a clear error
             raise
-        me = current_owner()
+        me = current_owner(mapping)
         self._owner = me
         self._prev = mapping
-        self._frame = frame
+        self._frame = None
+        if frame is not None:
+            gen = mapping.get(GENERATOR_MARK)
+            if gen is None or id(frame) != gen.frame:  # else a decorated generator's body,
+                self._frame = id(frame)  # whose context is its own
         if raw is not None and not self._separate:
             handle = resolve(raw, pool)
             if handle is not None:
@@ -187,7 +185,9 @@ class ConnectionScope:
                         self._role = _HANDOFF
                         self._bind(slot_key, raw)
                     return binding.conn
-        self._site = frame if frame is not None else _getframe(2)  # the opener's place
+        site = frame if frame is not None else _getframe(2)
+        self._site = id(site)  # the opener's place (an id: no frame kept alive by a block)
+        self._site_code = site.f_code
         return _OPEN
 
     def _holder(self) -> RequestScope | None:
@@ -217,15 +217,11 @@ class ConnectionScope:
         if slot is not None and slot.conn is not None:
             self._slot = slot
             return slot.conn
-        pool = self._pool
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, pool.getconn)
         try:
-            conn = await asyncio.shield(future)
+            conn = await getconn_async(self._pool)
         except BaseException:
             if holder is not None and slot is not None:
                 holder._unreserve(slot)
-            future.add_done_callback(_return_unclaimed(pool))
             raise
         if slot is not None:
             slot.conn = conn
@@ -249,7 +245,8 @@ class ConnectionScope:
         self._state = 1
         slot_key = (id(self._pool), self._key)
         prev = self._prev
-        handle = Handle(binding, self._owner, prev.get(slot_key) if prev else None, self._frame)
+        parent = unexpired(prev.get(slot_key)) if prev else None
+        handle = Handle(binding, self._owner, parent, self._frame)
         self._handle = handle
         self._new = {**prev, slot_key: handle} if prev else {slot_key: handle}
         _bindings.set(self._new)
@@ -261,19 +258,14 @@ class ConnectionScope:
         self._new = {**self._prev, slot_key: handle}
         set_mapping(self._new)
 
-    def _detach(self) -> tuple[Any, Handle]:
-        """Unbind from the current context; return (mapping key, handle) to bind per step."""
-        if self._new is not None:
-            restore_mapping(self._prev, self._new)
-            self._new = None
-        if self._handle is not None:
-            self._handle.active = False
-        self._handle = Handle(self._binding, self._owner, None, None)
-        return hashable_key(self._pool, self._key), self._handle
-
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if COLLECTING[0] and COLLECTING[0] == _get_ident():
+            # a finalizer inside the garbage collector: never touch the interrupted
+            # context or wait for a lock this thread may hold (see pgctx.finalizers)
+            defer(self.__exit__, et, ev, tb)
+            return
         if self._state != 1:
             raise ScopeError("pool.connection() block exited without being entered")
         self._state = 2
@@ -284,7 +276,6 @@ class ConnectionScope:
             self._new = None
         if self._handle is not None:
             self._handle.active = False
-        self._site = None  # no frame (and its locals) kept alive by a finished block
         opener = self._role == _OPENER
         with binding.lock:
             owners = binding.owners
@@ -304,6 +295,7 @@ class ConnectionScope:
                 finish = binding.orphaned and not binding.blocks
             if finish:
                 binding.released = True
+                owners.clear()  # claims left by children hold frames: drop them now
         if finish:
             self._finish(binding, ev if et is not None else None)
         elif not opener and et is None and self._intrans:

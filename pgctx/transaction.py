@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from types import FrameType
 from typing import Any
@@ -141,6 +142,17 @@ _PGCTX_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _REPORTED_DEPTH = 200  # frames remembered per warning, to skip the enclosing joined blocks
 
 
+def _find_frame(frame: FrameType, ident: int) -> FrameType | None:
+    """The frame with ``id() == ident`` on this thread's stack or another's, or None."""
+    for top in (frame, *sys._current_frames().values()):
+        walk: FrameType | None = top
+        while walk is not None:
+            if id(walk) == ident:
+                return walk
+            walk = walk.f_back
+    return None
+
+
 def _place(frame: FrameType | None, now: bool) -> tuple[str, FrameType | None]:
     """Where ``frame`` is in the user's code, and that frame.
 
@@ -178,20 +190,27 @@ def warn_ended_by_joined_block(opener: Any, inner: FrameType) -> None:
     Runs only when warning: not on any block's path.
     """
     reported = getattr(opener, "_reported", ())
-    if inner in reported:
+    if id(inner) in reported:
         return  # a joined block nested in this one already named the place
-    outer_text, _ = _place(None if opener is None else opener._site, now=True)
+    site = None if opener is None else _find_frame(inner, opener._site)
+    if site is not None:
+        outer_text, _ = _place(site, now=True)
+    elif opener is not None:  # suspended (a task awaiting a hand-off): name its function
+        code = opener._site_code
+        outer_text = f"{code.co_name}() in {code.co_filename}"
+    else:
+        outer_text = "an unknown place"
     inner_text, joined = _place(inner, now=False)
     assert joined is not None
     if opener is not None:
         # The joined blocks around this one exit from frames between here and the
-        # opener's: remember those (only for the latest warning, so a loop of such
+        # opener's: remember those by id (only for the latest warning, so a loop of such
         # commits keeps nothing alive).
-        frames: list[FrameType] = []
+        frames: list[int] = []
         walk: FrameType | None = inner
         while walk is not None and len(frames) < _REPORTED_DEPTH:
-            frames.append(walk)
-            if walk is opener._site:
+            frames.append(id(walk))
+            if id(walk) == opener._site:
                 break
             walk = walk.f_back
         opener._reported = tuple(frames)

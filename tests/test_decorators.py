@@ -1009,4 +1009,203 @@ def test_every_stacking_order_covers_the_body(
         holder = type("Holder", (), {"f": with_connection(pool)(wrap(func))})
         decorated = holder().f if via_instance else holder.f
     _drive(kind, decorated, check)
+
+
+# -- a decorated generator's own context ------------------------------------------------
+
+
+def test_generator_keeps_the_blocks_it_opened_from_step_to_step(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    @with_connection
+    def export(conn: Any = None) -> Iterator[str]:
+        insert(conn, table, 1)  # the main unit: rolled back below
+        with pool.connection("replica") as replica, pool.connection(separate=True) as audit:
+            yield "opened"
+            assert current_connection(pool, "replica") is replica  # still bound after a yield
+            assert current_connection(pool) is audit  # the separate block shadows the main one
+            insert(audit, table, 2)  # the audit row, committed on its own
+            yield "audited"
+            assert current_connection(pool) is audit
+        assert current_connection(pool) is conn
+        yield "done"
+        raise RuntimeError("the main unit fails")
+
+    gen = export()
+    assert inspect.isgenerator(gen)
+    assert next(gen) == "opened"
+    with pytest.raises(NoActiveConnection):
+        current_connection(pool, "replica")  # the consumer never sees the generator's blocks
+    with pytest.raises(NoActiveConnection):
+        current_connection(pool)
+    assert next(gen) == "audited"
+    assert in_use(pool) == 3
+    assert next(gen) == "done"
+    with pytest.raises(RuntimeError):
+        next(gen)
+    assert rows(pg_admin, table) == [2]  # the audit row survived the main rollback
+    assert in_use(pool) == 0
+
+
+def test_async_generator_keeps_the_blocks_it_opened_from_step_to_step(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    @with_connection
+    async def export(conn: Any = None) -> AsyncIterator[str]:
+        insert(conn, table, 1)
+        async with (
+            pool.connection("replica") as replica,
+            pool.connection(separate=True) as audit,
+        ):
+            yield "opened"
+            await asyncio.sleep(0)
+            assert current_connection(pool, "replica") is replica
+            assert current_connection(pool) is audit
+            insert(audit, table, 2)
+            yield "audited"
+        yield "done"
+        raise RuntimeError("the main unit fails")
+
+    async def main() -> None:
+        agen = export()
+        assert inspect.isasyncgen(agen)
+        assert await agen.__anext__() == "opened"
+        with pytest.raises(NoActiveConnection):
+            current_connection(pool, "replica")
+        assert await agen.__anext__() == "audited"
+        assert in_use(pool) == 3
+        assert await agen.__anext__() == "done"
+        with pytest.raises(RuntimeError):
+            await agen.__anext__()
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == [2]
+    assert in_use(pool) == 0
+
+
+def test_generator_sees_the_consumer_context_of_its_first_step(pool: Pool) -> None:
+    @with_connection
+    def seen(conn: Any = None) -> Iterator[Any]:
+        while True:
+            try:
+                yield current_connection(pool, "other")
+            except NoActiveConnection:
+                yield None
+
+    gen = seen()
+    with pool.connection("other") as other:
+        assert next(gen) is other  # the consumer's block, at the first step
+    assert next(gen) is None  # that block has ended: a released binding is never visible
+    with pool.connection("other"):
+        assert next(gen) is None  # blocks the consumer opens later are not seen
+    gen.close()
+    assert in_use(pool) == 0
+
+
+def test_consumer_uses_the_connection_between_steps_of_a_joined_generator(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    @with_connection
+    def numbers(n: int, conn: Any = None) -> Iterator[int]:
+        for i in range(n):
+            insert(conn, table, i)
+            yield i
+
+    with pool.connection() as conn:
+        for i in numbers(5):
+            insert(conn, table, 100 + i)  # the consumer, between the generator's steps
+            assert current_connection(pool) is conn
+            with pool.connection() as again:
+                assert again is conn
+    assert rows(pg_admin, table) == [0, 1, 2, 3, 4, 100, 101, 102, 103, 104]
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_generator_stepped_from_different_threads_and_tasks(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    """Like Starlette's iterate_in_threadpool: each step on whichever worker is free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    @with_connection
+    def numbers(n: int, conn: Any = None) -> Iterator[int]:
+        for i in range(n):
+            with pool.connection() as inner:  # joins the generator's own block
+                assert inner is conn
+                insert(current_connection(pool), table, i)
+            yield i
+
+    gen = numbers(40)
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        got = [executor.submit(next, gen).result(30) for _ in range(40)]
+    assert got == list(range(40))
+    with pytest.raises(StopIteration):
+        next(gen)
+
+    @with_connection
+    async def stream(n: int, conn: Any = None) -> AsyncIterator[int]:
+        for i in range(n):
+            insert(current_connection(pool), table, 100 + i)
+            await asyncio.sleep(0)
+            yield i
+
+    async def main() -> list[int]:
+        agen = stream(10)
+        got = [await asyncio.create_task(agen.__anext__()) for _ in range(10)]  # type: ignore[arg-type]
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.create_task(agen.__anext__())  # type: ignore[arg-type]
+        return got
+
+    assert asyncio.run(main()) == list(range(10))
+    assert rows(pg_admin, table) == list(range(40)) + list(range(100, 110))
+    assert in_use(pool) == 0
+
+
+def test_abandoned_async_generator_is_closed_by_the_loop(pool: Pool) -> None:
+    @with_connection
+    async def stream(conn: Any = None) -> AsyncIterator[int]:
+        async with pool.connection("replica"):
+            for i in range(10):
+                yield i
+
+    async def main() -> None:
+        agen = stream()
+        assert await agen.__anext__() == 0
+        assert in_use(pool) == 2
+        del agen  # the loop's asyncgen hook schedules aclose()
+        for _ in range(1000):
+            if in_use(pool) == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_generator_streamed_through_starlettes_threadpool(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    """A StreamingResponse body: each next() on whichever anyio worker is free."""
+    concurrency = pytest.importorskip("starlette.concurrency")
+
+    @with_connection
+    def export(conn: Any = None) -> Iterator[int]:
+        for i in range(30):
+            insert(current_connection(), table, i)
+            yield i
+
+    async def main() -> list[int]:
+        with pool.connection() as outer:  # the generator joins the endpoint's block
+            got = [i async for i in concurrency.iterate_in_threadpool(export())]
+            for n in range(30):  # and sequential hand-offs to the same threadpool
+                await concurrency.run_in_threadpool(
+                    lambda n=n: insert(current_connection(), table, 100 + n)  # in the worker
+                )
+            assert current_connection() is outer
+            return got
+
+    assert asyncio.run(main()) == list(range(30))
+    assert rows(pg_admin, table) == list(range(30)) + list(range(100, 130))
     assert in_use(pool) == 0

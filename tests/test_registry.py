@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pgctx.pool
 from pgctx import registry
@@ -290,4 +292,250 @@ def test_raw_block_in_async_generator_is_not_visible_to_its_consumer(pool: Pool)
         await agen.aclose()
 
     asyncio.run(main())
+    assert in_use(pool) == 0
+
+
+# -- children hold a parent's binding until they are done -------------------------------
+
+
+def _use(pool: Pool, table: str, n: int) -> None:
+    """What a child does with the parent's connection: find it and write through it."""
+    insert(current_connection(pool), table, n)
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_to_thread_children_are_refused(pool: Pool, pg_admin: Any, table: str) -> None:
+    both_in = threading.Barrier(2)
+
+    def child(n: int) -> None:
+        both_in.wait(30)  # both threads are running before either uses the connection
+        _use(pool, table, n)
+        both_in.wait(30)  # and neither is done before both have tried
+
+    def tolerant(n: int) -> Any:
+        try:
+            child(n)
+        except ConcurrentUseError as exc:
+            both_in.wait(30)
+            return exc
+        return None
+
+    async def main() -> list[Any]:
+        with pool.connection() as conn:
+            insert(conn, table, 1)
+            return await asyncio.gather(
+                asyncio.to_thread(tolerant, 2), asyncio.to_thread(tolerant, 3)
+            )
+
+    with pytest.raises(TransactionAborted) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.__cause__, ConcurrentUseError)
+    assert rows(pg_admin, table) == []  # the unit was marked failed: nothing committed
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_tasks_using_current_connection_are_refused(
+    pool: Pool, pg_admin: Any, table: str
+) -> None:
+    async def child(n: int, first_in: asyncio.Event, go: asyncio.Event) -> None:
+        _use(pool, table, n)
+        first_in.set()
+        await go.wait()  # not done yet: still holds the connection
+
+    async def main() -> None:
+        with pool.connection():
+            first_in, go = asyncio.Event(), asyncio.Event()
+            first = asyncio.create_task(child(1, first_in, go))
+            await first_in.wait()
+            with pytest.raises(ConcurrentUseError, match="separate=True"):
+                await asyncio.create_task(child(2, asyncio.Event(), go))
+            with pytest.raises(ConcurrentUseError):
+                current_connection(pool)  # nor may the parent while the child is not done
+            go.set()
+            await first
+            current_connection(pool)  # the child is done: the parent may use it again
+
+    with pytest.raises(TransactionAborted):
+        asyncio.run(main())
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "TaskGroup"), reason="TaskGroup came in 3.11")
+@pytest.mark.timeout(60)
+def test_task_group_children_are_refused(pool: Pool, pg_admin: Any, table: str) -> None:
+    async def child(n: int, barrier: AsyncBarrier) -> None:
+        await barrier.wait()
+        _use(pool, table, n)
+        await barrier.wait2()  # type: ignore[attr-defined]
+
+    class TwoBarriers(AsyncBarrier):
+        def __init__(self) -> None:
+            super().__init__(2)
+            self._second = AsyncBarrier(2)
+
+        async def wait2(self) -> None:
+            await self._second.wait()
+
+    async def main() -> None:
+        with pool.connection():
+            barrier = TwoBarriers()
+            try:
+                async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+                    group.create_task(child(1, barrier))
+                    group.create_task(child(2, barrier))
+            except BaseException as exc:  # an ExceptionGroup on 3.11+
+                errors = exc.exceptions  # type: ignore[attr-defined]
+                assert [type(e) for e in errors] == [ConcurrentUseError]
+            else:
+                raise AssertionError("the second child was not refused")
+
+    with pytest.raises(TransactionAborted):
+        asyncio.run(main())
+    assert rows(pg_admin, table) == []
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_long_sequential_hand_off_chains_join(pool: Pool, pg_admin: Any, table: str) -> None:
+    """Hundreds of hand-offs landing on whichever worker thread is free: no false refusal."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=8))
+        with pool.connection() as conn:
+            for n in range(300):
+                await asyncio.to_thread(_use, pool, table, n)
+                if n % 7 == 0:
+                    assert current_connection(pool) is conn  # the parent, between hand-offs
+                if n % 11 == 0:
+                    await asyncio.create_task(asyncio.to_thread(_use, pool, table, 1000 + n))
+
+    asyncio.run(main())
+    assert rows(pg_admin, table) == sorted(
+        list(range(300)) + [1000 + n for n in range(300) if n % 11 == 0]
+    )
+    assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_executor_hand_offs_with_copy_context(pool: Pool, pg_admin: Any, table: str) -> None:
+    with (
+        pytest.raises(TransactionAborted),
+        ThreadPoolExecutor(max_workers=4) as executor,
+        pool.connection() as conn,
+    ):
+        for n in range(100):  # sequential: each job is done before the next starts
+            executor.submit(contextvars.copy_context().run, _use, pool, table, n).result(30)
+        assert current_connection(pool) is conn
+        gate = threading.Event()
+        inside = threading.Event()
+
+        def holder() -> None:
+            _use(pool, table, 500)
+            inside.set()
+            gate.wait(30)
+
+        first = executor.submit(contextvars.copy_context().run, holder)
+        assert inside.wait(30)
+        second = executor.submit(contextvars.copy_context().run, _use, pool, table, 501)
+        with pytest.raises(ConcurrentUseError):
+            second.result(30)
+        gate.set()
+        first.result(30)
+    assert rows(pg_admin, table) == []  # the refused concurrent use failed the unit
+    assert in_use(pool) == 0
+
+
+def _select(pool: Pool) -> None:
+    with current_connection(pool).cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    phases=st.lists(
+        st.tuples(
+            st.sampled_from(["task", "thread"]), st.sampled_from(["task", "thread"]), st.booleans()
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+@pytest.mark.timeout(300)
+def test_random_schedules_of_children(pool: Pool, phases: list[tuple[str, str, bool]]) -> None:
+    """Sequential children (any kind, any worker) join; of two at once the second is refused."""
+
+    async def child(
+        kind: str, before: threading.Event | None, after: threading.Event | None
+    ) -> Any:
+        def body() -> Any:
+            if before is not None:
+                assert before.wait(30)
+            try:
+                _select(pool)
+            except ConcurrentUseError as exc:
+                return exc
+            finally:
+                if after is not None:
+                    after.set()
+            return None
+
+        if kind == "thread":
+            return await asyncio.to_thread(body)
+
+        async def in_task() -> Any:
+            loop = asyncio.get_running_loop()
+            if before is not None:  # run_in_executor copies no context: not a user
+                assert await loop.run_in_executor(None, before.wait, 30)
+            try:
+                _select(pool)
+            except ConcurrentUseError as exc:
+                return exc
+            finally:
+                if after is not None:
+                    after.set()
+            return None
+
+        return await asyncio.create_task(in_task())
+
+    async def holder(kind: str, used: threading.Event, release: threading.Event) -> Any:
+        def body() -> None:
+            _select(pool)
+            used.set()
+            assert release.wait(30)  # not done until the other child has tried
+
+        if kind == "thread":
+            return await asyncio.to_thread(body)
+
+        async def in_task() -> None:
+            _select(pool)
+            used.set()
+            assert await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+
+        return await asyncio.create_task(in_task())
+
+    async def main() -> None:
+        with pool.connection():
+            for first, second, at_once in phases:
+                if at_once:
+                    used, tried = threading.Event(), threading.Event()
+                    results = await asyncio.gather(
+                        holder(first, used, tried), child(second, used, tried)
+                    )
+                    assert results[0] is None
+                    assert isinstance(results[1], ConcurrentUseError)
+                else:
+                    assert await child(first, None, None) is None
+                    assert await child(second, None, None) is None
+                _select(pool)  # the children are done: the parent uses it again
+
+    if any(at_once for _, _, at_once in phases):
+        with pytest.raises(TransactionAborted):
+            asyncio.run(main())
+    else:
+        asyncio.run(main())
     assert in_use(pool) == 0

@@ -503,3 +503,107 @@ def test_a_joined_block_that_commits_the_enclosing_unit_warns(
             assert ("main()" if outer.startswith("async") else here) in message
         assert found[0].filename == __file__  # attributed to the joined block's line
     assert in_use(pool) == 0
+
+
+@pytest.mark.timeout(120)
+def test_async_waiters_do_not_starve_the_default_executor(dsn: str, app: str) -> None:
+    """18 tasks, 2 connections, 6 default executor threads: the holders' own to_thread
+    calls must not queue behind threads that only wait for a connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = Pool(0, 2, dsn, application_name=app, timeout=10)
+
+    def unit_of_work(conn: Any) -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            return int(cur.fetchone()[0])
+
+    async def task() -> int:
+        async with pool.connection() as conn:
+            return await asyncio.to_thread(unit_of_work, conn)
+
+    async def main() -> list[Any]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(6))
+        return await asyncio.gather(*(task() for _ in range(18)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+        assert results == [1] * 18  # before: 12 PoolTimeouts
+        assert in_use(pool) == 0
+        assert pool.get_stats()["requests_timeouts"] == 0
+    finally:
+        pool.closeall()
+
+
+@pytest.mark.timeout(120)
+def test_cancelled_async_waiters_never_lose_a_connection(dsn: str, app: str) -> None:
+    import random
+
+    pool = Pool(0, 2, dsn, application_name=app, timeout=20)
+    rng = random.Random(1234)
+
+    async def holder(release: asyncio.Event) -> None:
+        async with pool.connection():
+            await release.wait()
+
+    async def waiter() -> None:
+        async with pool.connection():
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        for _ in range(30):
+            release = asyncio.Event()
+            holders = [asyncio.create_task(holder(release)) for _ in range(2)]
+            waiters = [asyncio.create_task(waiter()) for _ in range(rng.randint(1, 6))]
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)
+            doomed = rng.sample(waiters, rng.randint(0, len(waiters)))
+            if rng.random() < 0.5:
+                release.set()  # connections are being handed over while we cancel
+            for task in doomed:
+                task.cancel()
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*holders, *waiters, return_exceptions=True), 30)
+        for _ in range(3000):  # a connection handed to a cancelled waiter comes back
+            if in_use(pool) == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+        assert in_use(pool) == 0
+        stats = pool.get_stats()
+        assert stats["requests_waiting"] == 0
+        with pool.connection(), pool.connection(separate=True):
+            pass  # both slots are usable: nothing was lost
+    finally:
+        pool.closeall()
+
+
+@pytest.mark.timeout(60)
+def test_async_blocks_never_use_the_default_executor(dsn: str, app: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting(ThreadPoolExecutor):
+        jobs = 0
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.jobs += 1
+            return super().submit(*args, **kwargs)
+
+    pool = Pool(1, 2, dsn, application_name=app, timeout=10)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(Counting(2))
+        for _ in range(20):  # an idle connection: taken on the loop
+            async with pool.connection():
+                pass
+        async with pool.connection(), pool.connection(separate=True):
+            pass  # a connect: in pgctx's own executor
+
+    try:
+        asyncio.run(main())
+        assert Counting.jobs == 0
+        assert in_use(pool) == 0
+    finally:
+        pool.closeall()
