@@ -12,6 +12,7 @@ rollback still frees the slot, and a failing constructor closes what it opened.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -115,7 +116,11 @@ class PoolCore:
         self._used: dict[Any, Connection] = {}  # key -> checked-out connection
         self._rused: dict[int, Any] = {}  # id(conn) -> key
         self._keys = 0  # last automatic key number
-        self._lock = threading.RLock()  # reentrant: subclasses may call _getconn under it
+        # Reentrant: subclasses may call _getconn under it. A child process gets its own.
+        self._process_locks: dict[int, Any] = {}
+        self._lock = forksafe.lock_for_this_process(self._process_locks)
+        self._lock_pid = self._owner_pid = os.getpid()  # whose lock; whose connections
+        self._ready = forksafe.process_flag()  # set by the first checkout or return here
         self._connecting = 0  # slots reserved by connects running outside the lock
         self._waiters = WaitQueue()
         self._stats = PoolStats()
@@ -129,12 +134,12 @@ class PoolCore:
             self._pool.clear()
             raise
         forksafe.track(self)
-        self._maintenance: Maintenance | None = None
+        self._maintenance: Maintenance | None = None  # started at first use, per process
+        self._maintenance_interval: float | None = None
         if (self._life is not None and self._life.needs_maintenance) or (
             self.timeout is not None and self.minconn
         ):
-            interval = self._life.maintenance_interval if self._life else 5.0
-            self._maintenance = Maintenance(self, interval)
+            self._maintenance_interval = self._life.maintenance_interval if self._life else 5.0
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"idle={len(self._pool)} used={len(self._used)}"
@@ -210,6 +215,8 @@ class PoolCore:
         An unfinished transaction is rolled back first. Connections beyond
         ``minconn`` idle ones are closed, as in psycopg2.
         """
+        if not self._ready[0]:  # the first return in this process (see _enter_process)
+            self._enter_process()
         life = self._life
         with self._lock:
             if self.closed:
@@ -361,6 +368,8 @@ class PoolCore:
 
     def closeall(self) -> None:
         """Close every connection, including those checked out; the pool is then closed."""
+        if not self._ready[0]:
+            self._enter_process(first_use=False)  # never close a parent's connections
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
@@ -374,6 +383,8 @@ class PoolCore:
 
     def get_stats(self) -> dict[str, float]:
         """Counters since the pool was created, and the pool's current sizes."""
+        if not self._ready[0]:
+            self._enter_process(first_use=False)  # a parent's connections are not ours
         with self._lock:
             # closeall() keeps psycopg2's maps filled, but nothing in them is open
             idle, used = (0, 0) if self.closed else (len(self._pool), len(self._used))
@@ -384,15 +395,59 @@ class PoolCore:
     def _maintain(self) -> None:
         """Periodic upkeep run by the maintenance thread (see AbstractConnectionPool)."""
 
+    def _enter_process(self, first_use: bool = True) -> None:
+        """Set the pool up for this process: a call found ``_ready`` unset.
+
+        In a child that no fork hook reached (uWSGI's master forks in C), the
+        inherited connections are dropped first. In any child, the lock (which a
+        thread of the parent may have held at the fork) is replaced by one made
+        now, after gevent's patching if that came after the fork. On first use (a
+        checkout or a return) the maintenance thread starts and ``_ready`` is set;
+        ``get_stats()`` and ``closeall()`` start nothing.
+        """
+        lock = forksafe.lock_for_this_process(self._process_locks)
+        with lock:
+            if self._ready[0]:
+                return  # another thread of this process came first
+            pid = os.getpid()
+            if self._owner_pid != pid:
+                self._drop_inherited()
+            if self._lock_pid != pid:
+                if not _held_by_this_thread(self._lock):  # else a subclass holds it around us
+                    self._lock = lock
+                self._lock_pid = pid
+            if not first_use:
+                return
+            if self._maintenance is None and self._maintenance_interval and not self.closed:
+                # Set before start(): a gevent thread start yields to other greenlets.
+                self._maintenance = Maintenance(self, self._maintenance_interval)
+                try:
+                    self._maintenance.start()
+                except BaseException:
+                    self._maintenance = None
+                    raise
+            self._ready[0] = 1
+
     def _after_fork(self) -> None:
-        """In a forked child: drop the parent's connections unused and untouched."""
+        """Right after ``os.fork()``, in the child (forksafe's hook)."""
+        self._drop_inherited()
+        # For what takes the lock before _enter_process (a persistent pool's putconn);
+        # the first use replaces it with a lock made after any patching of threading.
+        self._lock = threading.RLock()
+
+    def _drop_inherited(self) -> None:
+        """In a new process: drop the parent's connections, unused and untouched."""
         for conn in self._pool + list(self._used.values()):
             forksafe.disown(conn)
-        self._lock = threading.RLock()  # another thread may have held it during the fork
         self._pool, self._used, self._rused = [], {}, {}
         self._connecting = 0
         self._waiters = WaitQueue()
         if self._life is not None:
             self._life.info.clear()
-        if self._maintenance is not None and not self.closed:
-            self._maintenance = Maintenance(self, self._maintenance.interval)
+        self._maintenance = None  # the parent's thread is not in this process
+        self._owner_pid = os.getpid()
+
+
+def _held_by_this_thread(lock: Any) -> bool:
+    is_owned = getattr(lock, "_is_owned", None)  # RLock's; a plain Lock can only say locked()
+    return bool(is_owned() if is_owned is not None else lock.locked())

@@ -22,6 +22,7 @@ joined it; a :class:`Handle` is what one context sees of it. The rules:
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from asyncio import current_task as _current_task
@@ -158,6 +159,15 @@ class Binding:
                     del owners[i]
                 break
         self.blocks -= 1
+
+
+def _new_binding_lock_in_child() -> None:
+    # A thread of the parent may have held the lock at the fork; it does not exist here.
+    Binding.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_binding_lock_in_child)
 
 
 class Handle:
