@@ -7,7 +7,6 @@ import mmap
 import os
 import sys
 import threading
-import warnings
 from typing import Any
 
 import psycopg2
@@ -133,9 +132,7 @@ def test_lock_for_this_process_is_one_per_process(how: str) -> None:
                 pass
             return lock is not parents and list(locks) == [os.getpid()]
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: forking with threads
-            assert in_child(child, how) is True
+        assert in_child(child, how) is True
     finally:
         release.set()
         holder.join(GENEROUS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import warnings
 from typing import Any
 
 import psycopg2
@@ -152,9 +151,7 @@ def test_a_child_forked_while_the_watchdog_thread_holds_its_lock(dsn: str, how: 
             finally:
                 conn.close()
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: forking with threads
-            assert in_child(child, how) == 1
+        assert in_child(child, how) == 1
     finally:
         stuck.release.set()
         guarded.join(GENEROUS)

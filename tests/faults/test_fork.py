@@ -22,7 +22,6 @@ import textwrap
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -202,9 +201,7 @@ def test_fork_while_a_parent_thread_is_mid_query(
         gc.collect()
         return pid
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: forking with threads
-        child_pid = in_child(child, how)
+    child_pid = in_child(child, how)
     thread.join(GENEROUS)
     assert outcome == [borrowed_pid] and child_pid != borrowed_pid
     assert backend_pid(borrowed) == borrowed_pid
@@ -239,9 +236,7 @@ def test_fork_while_another_thread_holds_the_pool_lock(
             pool.closeall()
             return pid
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            assert in_child(child, how) > 0
+        assert in_child(child, how) > 0
     finally:
         release.set()
         holder.join(GENEROUS)
@@ -272,9 +267,7 @@ def test_fork_while_another_thread_holds_the_binding_lock(
                 assert pgctx.current_connection(pool) is conn  # takes the binding's lock
                 return backend_pid(conn)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            assert in_child(child) > 0
+        assert in_child(child) > 0
     finally:
         release.set()
         holder.join(GENEROUS)
@@ -341,16 +334,14 @@ def test_many_forks_while_parent_threads_run_blocks(dsn: str, app: str) -> None:
     hung = failed = 0
     first_error = ""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # forking with threads
-            for _ in range(100):
-                time.sleep(random.uniform(0, 0.002))
-                outcome = Child(child).outcome(timeout=GENEROUS / 2)
-                if outcome is None:
-                    hung += 1
-                elif not outcome["ok"]:
-                    failed += 1
-                    first_error = outcome["error"]
+        for _ in range(100):
+            time.sleep(random.uniform(0, 0.002))
+            outcome = Child(child).outcome(timeout=GENEROUS / 2)
+            if outcome is None:
+                hung += 1
+            elif not outcome["ok"]:
+                failed += 1
+                first_error = outcome["error"]
     finally:
         stop.set()
         for t in threads:
@@ -440,9 +431,7 @@ def test_maintenance_runs_in_the_child(
             pool.closeall()
             return recycled
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            assert in_child(child, how) >= 1
+        assert in_child(child, how) >= 1
         conn = pool.getconn()
         assert backend_pid(conn) > 0
         conn.rollback()

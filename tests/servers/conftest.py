@@ -4,12 +4,17 @@ Every server binds a free port on 127.0.0.1, runs in its own session (process gr
 its output in a log file, and is stopped by the fixture: a graceful signal first, then
 SIGKILL for the whole group if it does not exit within a bound. The logs of the servers a
 test started are attached to its report when it fails.
+
+The servers come with the dev extra (gunicorn, pyuwsgi, gevent, psycogreen). Without
+one, its tests are skipped, except when ``CI`` is set: there they fail, so that a green
+CI run proves they ran.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -32,6 +37,16 @@ ROOT = Path(__file__).resolve().parents[2]
 START_WITHIN = 30.0  # seconds for a server to answer with all its workers
 STOP_WITHIN = 20.0
 ANSWER_WITHIN = 10.0  # per request: far more than any takes, less than a worker timeout
+
+
+def require(module: str) -> Any:
+    """Import ``module`` for a server test: skip without it, or fail when ``CI`` is set."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so the server tests must run: {exc}", pytrace=False)
+        pytest.skip(f"needs {module} (the dev extra): {exc}", allow_module_level=True)
 
 
 def free_port() -> int:

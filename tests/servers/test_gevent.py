@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from tests.helpers import unique_app, wait_backends
-from tests.servers.conftest import ROOT
+from tests.servers.conftest import ROOT, require
 
-pytest.importorskip("gevent", reason="needs gevent (the dev extra)")
-pytest.importorskip("psycogreen", reason="needs psycogreen (the dev extra)")
+require("gevent")
+require("psycogreen")
 
 BOUND = 30.0  # the run takes 1-2 s
 

@@ -15,10 +15,12 @@ from tests.servers.conftest import (
     check_served_and_cleaned_up,
     get,
     hammer,
+    require,
 )
 
-gunicorn_config = pytest.importorskip("gunicorn.config", reason="needs gunicorn (the dev extra)")
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gunicorn runs on POSIX")
+if sys.platform == "win32":
+    pytest.skip("gunicorn runs on POSIX", allow_module_level=True)
+gunicorn_config = require("gunicorn.config")
 
 WORKERS = 2
 # gunicorn 24+ opens a control socket in the home directory, shared by every instance.
@@ -70,8 +72,8 @@ def test_preloaded_app_serves_from_each_workers_own_connections(
     options: dict[str, Any],
 ) -> None:
     if kind == "gevent":
-        pytest.importorskip("gevent")
-        pytest.importorskip("psycogreen")
+        require("gevent")
+        require("psycogreen")
     server = serve(KINDS[kind], WORKERS, **options)
     status, body = get(f"{server.url}/threads")
     assert status == 200, body

@@ -14,10 +14,18 @@ from typing import Any
 
 import pytest
 
-from tests.servers.conftest import Server, check_served_and_cleaned_up, get, hammer, python_bin
+from tests.servers.conftest import (
+    Server,
+    check_served_and_cleaned_up,
+    get,
+    hammer,
+    python_bin,
+    require,
+)
 
-pytest.importorskip("pyuwsgi", reason="needs the pyuwsgi wheel (the dev extra)")
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="uWSGI runs on POSIX")
+if sys.platform != "win32":
+    require("pyuwsgi")
 
 
 def uwsgi(processes: int, *more: str) -> Callable[[int], list[str]]:
