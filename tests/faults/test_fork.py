@@ -476,3 +476,96 @@ def test_a_child_never_terminates_the_parents_sessions_on_exit(
     )
     assert done.returncode == 0, done.stderr
     assert wait_backends(pg_admin, app, 0) == 0
+
+
+@pytest.mark.parametrize("how", FORKS)
+def test_threads_racing_to_the_childs_first_call(
+    pool: ThreadedConnectionPool, app: str, pg_admin: Any, how: str
+) -> None:
+    """Eight threads of the child make their first call at once: the pool is taken over
+    for the child once, and none of them gets one of the parent's connections."""
+    parents = {backend_pid(c) for c in (pool.getconn(), pool.getconn())}
+    for conn in list(pool._used.values()):
+        conn.rollback()
+        pool.putconn(conn)
+
+    def child() -> list[int]:
+        barrier = threading.Barrier(8)
+        pids: list[int] = []
+        errors: list[str] = []
+
+        def first_call() -> None:
+            try:
+                barrier.wait(GENEROUS)
+                with pool.connection() as conn:
+                    pids.append(backend_pid(conn))
+                    barrier.wait(GENEROUS)  # all eight hold a connection at once
+            except BaseException:
+                errors.append(traceback.format_exc())
+
+        threads = [threading.Thread(target=first_call) for _ in range(8)]
+        pool.maxconn = 8
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GENEROUS)
+        assert not errors, errors[0]
+        pool.closeall()
+        return pids
+
+    pids = in_child(child, how)
+    assert len(set(pids)) == 8 and not set(pids) & parents
+    assert wait_backends(pg_admin, app, 2) == 2
+    for _ in range(2):  # the parent's idle connections still work
+        conn = pool.getconn()
+        assert backend_pid(conn) in parents
+    for conn in list(pool._used.values()):
+        conn.rollback()
+        pool.putconn(conn)
+
+
+class _Psycopg2StyleLocking(ThreadedConnectionPool):
+    """Holds the pool's lock around the unlocked implementations, as psycopg2's
+    ThreadedConnectionPool does and as subclasses in the wild copy."""
+
+    def getconn(self, key: Any = None, **kwargs: Any) -> Any:
+        self._lock.acquire()
+        try:
+            return self._getconn(key)
+        finally:
+            self._lock.release()
+
+    def putconn(self, conn: Any = None, key: Any = None, close: bool = False) -> None:
+        self._lock.acquire()
+        try:
+            self._putconn(conn, key, close)
+        finally:
+            self._lock.release()
+
+
+@pytest.mark.parametrize("how", FORKS)
+def test_a_subclass_holding_the_lock_around_the_first_call(dsn: str, app: str, how: str) -> None:
+    """The first call in a process replaces the pool's lock only if its caller does not
+    hold it: a subclass releases the lock it acquired."""
+    pool = _Psycopg2StyleLocking(1, 2, dsn, application_name=app, max_lifetime=60)
+    try:
+        parent = pool.getconn()  # the first call in the parent, under the lock
+        parent_pid = backend_pid(parent)
+        parent.rollback()
+        pool.putconn(parent)
+
+        def child() -> int:
+            conn = pool.getconn()  # the first call in the child, under the inherited lock
+            pid = backend_pid(conn)
+            pool.putconn(conn)
+            conn = pool.getconn()
+            pool.putconn(conn)
+            pool.closeall()
+            return pid
+
+        assert in_child(child, how) != parent_pid
+        conn = pool.getconn()
+        assert backend_pid(conn) == parent_pid
+        pool.putconn(conn)
+    finally:
+        pool.closeall()
