@@ -185,6 +185,8 @@ class PoolCore:
         """Close a connection that leaves the pool for good (never under the lock)."""
         if self._life is not None:
             self._life.forget(conn)
+        if self._owner_pid != os.getpid():  # a path that skipped _enter_process in a child
+            forksafe.disown(conn)
         _close_quietly(conn)
 
     def _connect(self, key: Any = None) -> Connection:

@@ -569,3 +569,30 @@ def test_a_subclass_holding_the_lock_around_the_first_call(dsn: str, app: str, h
         pool.putconn(conn)
     finally:
         pool.closeall()
+
+
+def test_a_persistent_pools_thread_end_in_a_c_forked_child(
+    dsn: str, app: str, pg_admin: Any
+) -> None:
+    """A persistent pool takes a dead thread's connection back from a finalizer, not
+    through a checkout: in a child that has not called the pool yet, closing that
+    connection must not end the parent's session."""
+    pool = pgctx.PersistentConnectionPool(1, 2, dsn, application_name=app)
+    try:
+        conn = pool.getconn()
+        pid = backend_pid(conn)
+        with conn.cursor() as cur:  # left open: the reclaim would close, not reuse, it
+            cur.execute("CREATE TEMP TABLE fork_p (x int); INSERT INTO fork_p VALUES (3)")
+
+        def child() -> None:
+            pool._reclaim(pool._thread_key())  # what the thread's finalizer runs
+
+        in_child(child, "c")
+        with conn.cursor() as cur:
+            cur.execute("SELECT x, pg_backend_pid() FROM fork_p")
+            assert cur.fetchone() == (3, pid)
+        conn.rollback()
+        pool.putconn(conn)
+    finally:
+        pool.closeall()
+    assert wait_backends(pg_admin, app, 0) == 0
