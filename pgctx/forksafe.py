@@ -13,10 +13,10 @@ Two ways tell a pool it runs in a new process:
 - a :func:`process_flag` read on every checkout and return, for forks that run
   no Python hook: uWSGI's master forks its workers in C.
 
-A pool builds its lock and starts its threads on its first call in each process
-(:func:`lock_for_this_process`), not when it is built: a pre-forking master that
-built a pool forks single-threaded, and a gevent worker that patches ``threading``
-after the fork gets gevent's primitives.
+A pool (through :class:`PerProcess`) takes its lock and starts its thread at its
+first call in each process, not when it is built: a pre-forking master that built
+a pool forks single-threaded, and a gevent worker that patches ``threading`` after
+the fork gets gevent's primitives.
 """
 
 from __future__ import annotations
@@ -29,7 +29,18 @@ import threading
 import weakref
 from typing import Any, Protocol
 
-__all__ = ["PidFlag", "ProcessFlag", "disown", "lock_for_this_process", "process_flag", "track"]
+from pgctx.maintenance import Maintenance
+from pgctx.waiting import WaitQueue
+
+__all__ = [
+    "PerProcess",
+    "PidFlag",
+    "ProcessFlag",
+    "disown",
+    "lock_for_this_process",
+    "process_flag",
+    "track",
+]
 
 _MADV_WIPEONFORK = 18  # Linux 4.14+; Python's mmap module does not name it
 
@@ -96,6 +107,89 @@ def lock_for_this_process(locks: dict[int, Any]) -> Any:
         for other in [p for p in locks if p != pid]:  # inherited from a parent
             locks.pop(other, None)
     return lock
+
+
+class PerProcess:
+    """What a pool keeps per process: its connections, its lock and its thread.
+
+    A mixin of ``PoolCore``, which sets these attributes in its constructor and calls
+    ``_enter_process()`` whenever a call finds ``_ready`` unset.
+    """
+
+    closed: bool
+    _pool: list[Any]
+    _used: dict[Any, Any]
+    _rused: dict[int, Any]
+    _connecting: int
+    _waiters: WaitQueue
+    _life: Any
+    _lock: Any
+    _process_locks: dict[int, Any]  # pid -> the pool's lock in that process
+    _lock_pid: int  # the process the current _lock was made for
+    _owner_pid: int  # the process whose connections _pool and _used hold
+    _ready: ProcessFlag  # set by the first checkout or return in this process
+    _maintenance: Maintenance | None
+    _maintenance_interval: float | None
+
+    def _enter_process(self, first_use: bool = True) -> None:
+        """Set the pool up for this process: a call found ``_ready`` unset.
+
+        In a child that no fork hook reached (uWSGI's master forks in C), the
+        inherited connections are dropped first. In any child, the lock (which a
+        thread of the parent may have held at the fork) is replaced by one made
+        now, after gevent's patching if that came after the fork. On first use (a
+        checkout or a return) the maintenance thread starts and ``_ready`` is set;
+        ``get_stats()`` and ``closeall()`` start nothing.
+        """
+        lock = lock_for_this_process(self._process_locks)
+        with lock:
+            if self._ready[0]:
+                return  # another thread of this process came first
+            pid = os.getpid()
+            if self._owner_pid != pid:
+                self._drop_inherited()
+            if self._lock_pid != pid:
+                if not _held_by_this_thread(self._lock):  # else a subclass holds it around us
+                    self._lock = lock
+                self._lock_pid = pid
+            if not first_use:
+                return
+            if self._maintenance is None and self._maintenance_interval and not self.closed:
+                # Set before start(): a gevent thread start yields to other greenlets.
+                self._maintenance = Maintenance(self, self._maintenance_interval)
+                try:
+                    self._maintenance.start()
+                except BaseException:
+                    self._maintenance = None
+                    raise
+            self._ready[0] = 1
+
+    def _after_fork(self) -> None:
+        """Right after ``os.fork()``, in the child (the hook below)."""
+        self._drop_inherited()
+        # For what takes the lock before _enter_process (a persistent pool's putconn);
+        # the first use replaces it with a lock made after any patching of threading.
+        self._lock = threading.RLock()
+
+    def _drop_inherited(self) -> None:
+        """In a new process: drop the parent's connections, unused and untouched."""
+        for conn in self._pool + list(self._used.values()):
+            disown(conn)
+        self._pool, self._used, self._rused = [], {}, {}
+        self._connecting = 0
+        self._waiters = WaitQueue()
+        if self._life is not None:
+            self._life.info.clear()
+        self._maintenance = None  # the parent's thread is not in this process
+        self._owner_pid = os.getpid()
+
+    def _maintain(self) -> None:
+        """Periodic upkeep, run by the maintenance thread."""
+
+
+def _held_by_this_thread(lock: Any) -> bool:
+    is_owned = getattr(lock, "_is_owned", None)  # RLock's; a plain Lock can only say locked()
+    return bool(is_owned() if is_owned is not None else lock.locked())
 
 
 _pools: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -76,7 +75,7 @@ def _check_hashable(key: object) -> None:
         ) from None
 
 
-class PoolCore:
+class PoolCore(forksafe.PerProcess):
     """State, connecting, returning and closing; see ``AbstractConnectionPool``."""
 
     def __init__(
@@ -396,60 +395,3 @@ class PoolCore:
 
     def _maintain(self) -> None:
         """Periodic upkeep run by the maintenance thread (see AbstractConnectionPool)."""
-
-    def _enter_process(self, first_use: bool = True) -> None:
-        """Set the pool up for this process: a call found ``_ready`` unset.
-
-        In a child that no fork hook reached (uWSGI's master forks in C), the
-        inherited connections are dropped first. In any child, the lock (which a
-        thread of the parent may have held at the fork) is replaced by one made
-        now, after gevent's patching if that came after the fork. On first use (a
-        checkout or a return) the maintenance thread starts and ``_ready`` is set;
-        ``get_stats()`` and ``closeall()`` start nothing.
-        """
-        lock = forksafe.lock_for_this_process(self._process_locks)
-        with lock:
-            if self._ready[0]:
-                return  # another thread of this process came first
-            pid = os.getpid()
-            if self._owner_pid != pid:
-                self._drop_inherited()
-            if self._lock_pid != pid:
-                if not _held_by_this_thread(self._lock):  # else a subclass holds it around us
-                    self._lock = lock
-                self._lock_pid = pid
-            if not first_use:
-                return
-            if self._maintenance is None and self._maintenance_interval and not self.closed:
-                # Set before start(): a gevent thread start yields to other greenlets.
-                self._maintenance = Maintenance(self, self._maintenance_interval)
-                try:
-                    self._maintenance.start()
-                except BaseException:
-                    self._maintenance = None
-                    raise
-            self._ready[0] = 1
-
-    def _after_fork(self) -> None:
-        """Right after ``os.fork()``, in the child (forksafe's hook)."""
-        self._drop_inherited()
-        # For what takes the lock before _enter_process (a persistent pool's putconn);
-        # the first use replaces it with a lock made after any patching of threading.
-        self._lock = threading.RLock()
-
-    def _drop_inherited(self) -> None:
-        """In a new process: drop the parent's connections, unused and untouched."""
-        for conn in self._pool + list(self._used.values()):
-            forksafe.disown(conn)
-        self._pool, self._used, self._rused = [], {}, {}
-        self._connecting = 0
-        self._waiters = WaitQueue()
-        if self._life is not None:
-            self._life.info.clear()
-        self._maintenance = None  # the parent's thread is not in this process
-        self._owner_pid = os.getpid()
-
-
-def _held_by_this_thread(lock: Any) -> bool:
-    is_owned = getattr(lock, "_is_owned", None)  # RLock's; a plain Lock can only say locked()
-    return bool(is_owned() if is_owned is not None else lock.locked())
