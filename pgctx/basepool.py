@@ -114,6 +114,8 @@ class AbstractConnectionPool(PoolCore):
         return self._checkout(key, self.timeout)
 
     def _checkout(self, key: Any, timeout: float | None) -> Connection:
+        if not self._ready[0]:  # the first checkout in this process (see _enter_process)
+            self._enter_process()
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")

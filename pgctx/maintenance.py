@@ -5,6 +5,10 @@ reporting leaks after ``leak_timeout`` and refilling to ``minconn`` after
 losses cannot wait for the next ``getconn``: a quiet pool would hold stale
 connections forever. The thread holds only a weak reference to its pool, so
 an abandoned pool can still be garbage-collected, and it ends with the pool.
+
+A pool starts it at its first call in each process, never in its constructor:
+a pre-forking server that builds the pool in its master then forks a process
+without threads, and each child starts a thread of its own.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ class Maintained(Protocol):
 
 
 class Maintenance:
-    """Calls ``pool._maintain()`` every ``interval`` seconds until stopped."""
+    """Calls ``pool._maintain()`` every ``interval`` seconds from ``start()`` until stopped."""
 
     __slots__ = ("_stop", "_thread", "interval")
 
     def __init__(self, pool: Maintained, interval: float) -> None:
         self.interval = interval
+        # threading is looked up now, in the process and after the patching that runs us
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_run,
@@ -37,6 +42,8 @@ class Maintenance:
             name=f"pgctx-maintenance-{id(pool):x}",
             daemon=True,
         )
+
+    def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ rollback still frees the slot, and a failing constructor closes what it opened.
 from __future__ import annotations
 
 import logging
-import threading
+import os
 import time
 from contextlib import nullcontext
 from typing import Any, ClassVar
@@ -76,7 +76,7 @@ def _check_hashable(key: object) -> None:
         ) from None
 
 
-class PoolCore:
+class PoolCore(forksafe.PerProcess):
     """State, connecting, returning and closing; see ``AbstractConnectionPool``."""
 
     _overridden_hooks: ClassVar[frozenset[str]] = frozenset()  # set per class: pgctx.hooks
@@ -119,7 +119,11 @@ class PoolCore:
         self._used: dict[Any, Connection] = {}  # key -> checked-out connection
         self._rused: dict[int, Any] = {}  # id(conn) -> key
         self._keys = 0  # last automatic key number
-        self._lock = threading.RLock()  # reentrant: subclasses may call _getconn under it
+        # Reentrant: subclasses may call _getconn under it. A child process gets its own.
+        self._process_locks: dict[int, Any] = {}
+        self._lock = forksafe.lock_for_this_process(self._process_locks)
+        self._lock_pid = self._owner_pid = os.getpid()  # whose lock; whose connections
+        self._ready = forksafe.process_flag()  # set by the first checkout or return here
         self._connecting = 0  # slots reserved by connects running outside the lock
         self._waiters = WaitQueue()
         self._stats = PoolStats()
@@ -133,12 +137,12 @@ class PoolCore:
             self._pool.clear()
             raise
         forksafe.track(self)
-        self._maintenance: Maintenance | None = None
+        self._maintenance: Maintenance | None = None  # started at first use, per process
+        self._maintenance_interval: float | None = None
         if (self._life is not None and self._life.needs_maintenance) or (
             self.timeout is not None and self.minconn
         ):
-            interval = self._life.maintenance_interval if self._life else 5.0
-            self._maintenance = Maintenance(self, interval)
+            self._maintenance_interval = self._life.maintenance_interval if self._life else 5.0
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"idle={len(self._pool)} used={len(self._used)}"
@@ -190,6 +194,8 @@ class PoolCore:
         """Close a connection that leaves the pool for good (never under the lock)."""
         if self._life is not None:
             self._life.forget(conn)
+        if self._owner_pid != os.getpid():  # a path that skipped _enter_process in a child
+            forksafe.disown(conn)
         _close_quietly(conn)
 
     def _connect(self, key: Any = None) -> Connection:
@@ -220,6 +226,8 @@ class PoolCore:
         An unfinished transaction is rolled back first. Connections beyond
         ``minconn`` idle ones are closed, as in psycopg2.
         """
+        if not self._ready[0]:  # the first return in this process (see _enter_process)
+            self._enter_process()
         life = self._life
         with self._lock:
             if self.closed:
@@ -371,6 +379,8 @@ class PoolCore:
 
     def closeall(self) -> None:
         """Close every connection, including those checked out; the pool is then closed."""
+        if not self._ready[0]:
+            self._enter_process(first_use=False)  # never close a parent's connections
         with self._lock:
             if self.closed:
                 raise PoolError("connection pool is closed")
@@ -384,6 +394,8 @@ class PoolCore:
 
     def get_stats(self) -> dict[str, float]:
         """Counters since the pool was created, and the pool's current sizes."""
+        if not self._ready[0]:
+            self._enter_process(first_use=False)  # a parent's connections are not ours
         with self._lock:
             # closeall() keeps psycopg2's maps filled, but nothing in them is open
             idle, used = (0, 0) if self.closed else (len(self._pool), len(self._used))
@@ -393,16 +405,3 @@ class PoolCore:
 
     def _maintain(self) -> None:
         """Periodic upkeep run by the maintenance thread (see AbstractConnectionPool)."""
-
-    def _after_fork(self) -> None:
-        """In a forked child: drop the parent's connections unused and untouched."""
-        for conn in self._pool + list(self._used.values()):
-            forksafe.disown(conn)
-        self._lock = threading.RLock()  # another thread may have held it during the fork
-        self._pool, self._used, self._rused = [], {}, {}
-        self._connecting = 0
-        self._waiters = WaitQueue()
-        if self._life is not None:
-            self._life.info.clear()
-        if self._maintenance is not None and not self.closed:
-            self._maintenance = Maintenance(self, self._maintenance.interval)

@@ -22,7 +22,6 @@ from asyncio import current_task as _current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Mapping
 from sys import _getframe
-from threading import get_ident as _get_ident
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -115,7 +114,7 @@ class ConnectionScope:
             self._site_code = frame.f_code
             self._prev = _EMPTY
             loop = _get_running_loop()
-            self._owner = (_get_ident(), None if loop is None else _current_task(loop))
+            self._owner = (threading.get_ident(), None if loop is None else _current_task(loop))
             try:
                 hash(self._key)
             except TypeError:
@@ -261,7 +260,7 @@ class ConnectionScope:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if COLLECTING[0] and COLLECTING[0] == _get_ident():
+        if COLLECTING[0] and COLLECTING[0] == threading.get_ident():
             # a finalizer inside the garbage collector: never touch the interrupted
             # context or wait for a lock this thread may hold (see pgctx.finalizers)
             defer(self.__exit__, et, ev, tb)

@@ -44,68 +44,90 @@ def _shut_down(conn: Any) -> None:
             sock.close()
 
 
-class Watchdog:
-    """Fires ``_shut_down`` on connections whose guarded operation outlives its deadline."""
+class _ProcessState:
+    """The watchdog of one process: its lock, its deadlines and its thread."""
+
+    __slots__ = ("cond", "counter", "heap", "pending", "thread")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, _Guard]] = []  # finished guards are dropped lazily
-        self._pending = 0  # guards not finished yet
-        self._counter = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        # threading is looked up now: after gevent's patch_all() when that came first
+        self.cond = threading.Condition(threading.Lock())
+        self.heap: list[tuple[float, int, _Guard]] = []  # finished guards are dropped lazily
+        self.pending = 0  # guards not finished yet
+        self.counter = itertools.count()
+        self.thread: threading.Thread | None = None
+
+
+class Watchdog:
+    """Fires ``_shut_down`` on connections whose guarded operation outlives its deadline.
+
+    Nothing is built at import: each process makes its own lock and thread at its
+    first deadline, so a forked child never waits on a lock its parent's thread held,
+    and a gevent worker that patched ``threading`` after importing pgctx gets gevent's.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[int, _ProcessState] = {}  # pid -> state; only ours is used
+
+    def _current(self) -> _ProcessState:
+        pid = os.getpid()
+        state = self._states.get(pid)
+        if state is None:
+            state = self._states.setdefault(pid, _ProcessState())  # atomic: one per process
+            for other in [p for p in self._states if p != pid]:  # a parent's, inherited
+                self._states.pop(other, None)
+        return state
 
     @contextlib.contextmanager
     def deadline(self, conn: Any, seconds: float) -> Iterator[_Guard]:
         """Within the block, ``conn`` is shut down if ``seconds`` pass first."""
         guard = _Guard(conn)
         when = time.monotonic() + seconds
-        with self._cond:
-            self._ensure_thread()
-            heap = self._heap
-            if len(heap) > _COMPACT_AT and len(heap) > 2 * self._pending:
+        state = self._current()
+        with state.cond:
+            if state.thread is None:
+                thread = threading.Thread(
+                    target=_run, args=(state,), name="pgctx-watchdog", daemon=True
+                )
+                thread.start()
+                state.thread = thread
+            heap = state.heap
+            if len(heap) > _COMPACT_AT and len(heap) > 2 * state.pending:
                 heap[:] = [entry for entry in heap if not entry[2].done]
                 heapq.heapify(heap)
             # Wake the thread only when this deadline comes first: waking it for
             # every guarded check would cost more than the check itself.
             earliest = not heap or when < heap[0][0]
-            heapq.heappush(heap, (when, next(self._counter), guard))
-            self._pending += 1
+            heapq.heappush(heap, (when, next(state.counter), guard))
+            state.pending += 1
             if earliest:
-                self._cond.notify()
+                state.cond.notify()
         try:
             yield guard
         finally:
-            with self._cond:
+            with state.cond:
                 guard.done = True
                 guard.conn = None  # hold no reference once the operation is over
-                self._pending -= 1
+                state.pending -= 1
 
-    def _ensure_thread(self) -> None:
-        # (re)start lazily, also in a forked child, where the thread did not survive
-        if self._thread is None or self._pid != os.getpid():
-            self._heap.clear()
-            self._pending = 0
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="pgctx-watchdog", daemon=True)
-            self._thread.start()
 
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                while self._heap and self._heap[0][2].done:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                when, _, guard = self._heap[0]
-                left = when - time.monotonic()
-                if left > 0:
-                    self._cond.wait(left)
-                    continue
-                heapq.heappop(self._heap)
-                guard.fired = True
-                _shut_down(guard.conn)
+def _run(state: _ProcessState) -> None:
+    heap = state.heap
+    with state.cond:
+        while True:
+            while heap and heap[0][2].done:
+                heapq.heappop(heap)
+            if not heap:
+                state.cond.wait()
+                continue
+            when, _, guard = heap[0]
+            left = when - time.monotonic()
+            if left > 0:
+                state.cond.wait(left)
+                continue
+            heapq.heappop(heap)
+            guard.fired = True
+            _shut_down(guard.conn)
 
 
 WATCHDOG = Watchdog()
