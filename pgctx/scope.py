@@ -18,6 +18,7 @@ to it as a note). This module is the hot path: small classes with __slots__.
 
 from __future__ import annotations
 
+import threading  # get_ident looked up per call: gevent may patch it after import
 from asyncio import current_task as _current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Mapping
