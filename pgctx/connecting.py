@@ -19,6 +19,7 @@ from pgctx._driver import extensions, psycopg2
 BACKOFF_FIRST = 0.05  # seconds before the first retry of a failed connect
 BACKOFF_MAX = 2.0  # longest pause between retries
 LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats smaller values as 2 seconds
+LIBPQ_INT_MAX = 2**31 - 1  # libpq reads integer options into a C int and rejects larger ones
 
 # psycopg2.connect() arguments that are not libpq connection options
 _DRIVER_ARGUMENTS = frozenset({"connection_factory", "cursor_factory", "async", "async_"})
@@ -75,7 +76,8 @@ class ConnectParams:
                 "keepalives_count": 3,
                 # unacknowledged data fails the connection after this (ms); never below
                 # 5 s, so that a short pool timeout does not turn a hiccup into errors
-                "tcp_user_timeout": max(5000, math.ceil(timeout * 1000)),
+                # (a C int of milliseconds: a timeout beyond ~24.8 days is clamped)
+                "tcp_user_timeout": min(LIBPQ_INT_MAX, max(5000, math.ceil(timeout * 1000))),
             }
             self.kwargs = {**{k: v for k, v in defaults.items() if k not in given}, **kwargs}
 
@@ -83,7 +85,7 @@ class ConnectParams:
         """The keyword arguments for a connect that must end by ``deadline``."""
         if deadline is None or not self._deadline_sets_timeout:
             return self.kwargs
-        left = math.ceil(deadline - time.monotonic())
+        left = min(LIBPQ_INT_MAX, math.ceil(deadline - time.monotonic()))
         return {**self.kwargs, "connect_timeout": max(LIBPQ_MIN_CONNECT_TIMEOUT, left)}
 
 
