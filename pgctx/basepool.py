@@ -97,7 +97,18 @@ class AbstractConnectionPool(PoolCore):
                 must_check = waiter.must_check
             elif conn is None:
                 return self._connect_reserved(key, timeout, deadline)
-            if not must_check or (life is not None and life.passes_check(conn, deadline)):
+            if not must_check:
+                return conn
+            assert life is not None
+            try:
+                passed = life.passes_check(conn, deadline)
+            except Exception:  # a bug in the check callable: the connection is fine
+                PoolCore.putconn(self, conn, key)
+                raise
+            except BaseException:  # interrupted in the middle of the check: state unknown
+                self._drop_taken(key, conn)
+                raise
+            if passed:
                 return conn
             self._drop_taken(key, conn)  # failed its check: try another within the deadline
 
@@ -146,22 +157,48 @@ class AbstractConnectionPool(PoolCore):
         """Wait to be served: a connection, or None for a slot to connect in."""
         assert deadline is not None
         started = time.monotonic()
-        waiter.wait(max(0.0, deadline - started))  # the deadline may be past (a slow check)
-        with self._lock:
-            waited = time.monotonic() - started
-            self._stats.requests_wait_ms += waited * 1000
-            if not waiter.served:  # timed out; served-just-in-time waiters keep what they got
-                self._waiters.discard(waiter)
-                self._stats.requests_timeouts += 1
-                raise PoolTimeout(
-                    f"connection pool exhausted: no connection became free within "
-                    f"{waited:.3g} s (timeout={timeout:g}, maxconn={self.maxconn})"
-                )
-            if waiter.conn is not None and self._life is not None:
-                waiter.must_check = self._life.taken(waiter.conn, time.monotonic())
+        try:
+            waiter.wait(max(0.0, deadline - started))  # the deadline may be past (a slow check)
+            with self._lock:
+                waited = time.monotonic() - started
+                self._stats.requests_wait_ms += waited * 1000
+                if not waiter.served:  # timed out; served-just-in-time waiters keep what they got
+                    self._waiters.discard(waiter)
+                    self._stats.requests_timeouts += 1
+                    raise PoolTimeout(
+                        f"connection pool exhausted: no connection became free within "
+                        f"{waited:.3g} s (timeout={timeout:g}, maxconn={self.maxconn})"
+                    )
+                if waiter.conn is not None and self._life is not None:
+                    waiter.must_check = self._life.taken(waiter.conn, time.monotonic())
+        except BaseException:  # an interrupt (or a timeout): leave nothing behind
+            self._abandon(waiter)
+            raise
         if waiter.error is not None:
             raise waiter.error
         return waiter.conn
+
+    def _abandon(self, waiter: Waiter) -> None:
+        """Undo a wait ended by an exception: leave the queue, or give back what was served.
+
+        A waiter served just as the interrupt came holds a connection (or a slot to
+        connect in) that nobody would ever return: it goes to the next waiter or the
+        idle list. A connection it joined belongs to the caller holding its key.
+        """
+        close = None
+        with self._lock:
+            self._waiters.discard(waiter)  # never served: nothing else to undo
+            conn, slot, joined = waiter.conn, waiter.may_connect, waiter.joined
+            waiter.conn, waiter.may_connect = None, False  # undone once only
+            if slot:
+                self._connecting -= 1
+                self._serve_waiter(None)
+            elif conn is not None and not joined and self._used.get(waiter.key) is conn:
+                self._forget(waiter.key, conn)
+                if self.closed or not self._give_back(conn):
+                    close = conn
+        if close is not None:
+            self._close(close)
 
     def _connect_reserved(
         self, key: Any, timeout: float | None, deadline: float | None
@@ -242,14 +279,18 @@ class AbstractConnectionPool(PoolCore):
         for done in range(missing):
             try:
                 conn = self._open()
-            except Exception:
-                _log.info(
+            except BaseException as exc:
+                for _ in range(missing - done):  # the slots reserved above, this one included
+                    self._release_slot()
+                if not isinstance(exc, Exception):
+                    raise  # the maintenance thread logs it and goes on
+                bug = not isinstance(exc, psycopg2.Error)  # e.g. from the configure callable
+                _log.log(
+                    logging.ERROR if bug else logging.INFO,
                     "could not refill the pool to minconn; will retry",
                     exc_info=True,
                     extra=self._log_fields("refill_failed"),
                 )
-                for _ in range(missing - done):
-                    self._release_slot()
                 return
             with self._lock:
                 self._connecting -= 1

@@ -286,20 +286,24 @@ class PoolCore:
         # With a timeout, a server that stopped answering must not hold putconn forever.
         bound = WATCHDOG.deadline(conn, max(self.timeout, 5.0)) if self.timeout else nullcontext()
         usable = True
-        with bound:
-            if status != _IDLE:
-                try:
-                    conn.rollback()
-                    usable = conn.get_transaction_status() == _IDLE
-                except Exception:
-                    _log.warning(
-                        "rollback failed on return; discarding the connection",
-                        exc_info=True,
-                        extra=self._log_fields("rollback_failed"),
-                    )
-                    usable = False
-            if usable and self._life is not None:
-                usable = self._life.cleans_up(conn)
+        try:
+            with bound:
+                if status != _IDLE:
+                    try:
+                        conn.rollback()
+                        usable = conn.get_transaction_status() == _IDLE
+                    except Exception:
+                        _log.warning(
+                            "rollback failed on return; discarding the connection",
+                            exc_info=True,
+                            extra=self._log_fields("rollback_failed"),
+                        )
+                        usable = False
+                if usable and self._life is not None:
+                    usable = self._life.cleans_up(conn)
+        except BaseException:  # interrupted, or a bug in the reset callable: discard it
+            self._discard_taken(key, conn)
+            raise
         with self._lock:
             if not usable:
                 self._stats.returns_bad += 1
@@ -309,6 +313,15 @@ class PoolCore:
                 self._forget(key, conn)
                 if usable and self._give_back(conn):
                     return
+                self._serve_waiter(None)
+        self._close(conn)
+
+    def _discard_taken(self, key: Any, conn: Connection) -> None:
+        """Close a checked-out connection that cannot go back, freeing its slot."""
+        with self._lock:
+            self._stats.returns_bad += 1
+            if not self.closed and self._used.get(key) is conn:
+                self._forget(key, conn)
                 self._serve_waiter(None)
         self._close(conn)
 
@@ -344,6 +357,7 @@ class PoolCore:
             existing = self._used.get(waiter.key)
             if existing is not None:  # its key was checked out meanwhile: same key, same conn
                 waiter.conn = existing
+                waiter.joined = True
                 waiter.wake()
                 continue
             if conn is None:

@@ -115,6 +115,9 @@ BAD_CONFIGURATIONS: list[tuple[Any, tuple[Any, Any], dict[str, Any], Any, str]] 
         "check_after_idle must be at most",
     ),
     (P, (1, 2), {"check": 1}, TypeError, "check must be a callable"),
+    (T, (1, 2), {"check": lambda: True}, TypeError, "check must accept the connection as its"),
+    (P, (1, 2), {"reset": lambda c, d: 0}, TypeError, "has the signature (c, d)"),
+    (T, (1, 2), {"configure": lambda *, conn: 0}, TypeError, "define it as configure(conn)"),
     # options libpq does not know (a misspelt pgctx option ends up there)
     (T, (1, 2), {"timout": 1}, psycopg2.ProgrammingError, 'invalid connection option "timout"'),
     (T, (1, 2), {"max_lifetim": 60}, psycopg2.ProgrammingError, '"max_lifetim"'),
