@@ -90,9 +90,7 @@ def test_derived_options_stay_within_what_libpq_accepts(timeout: float) -> None:
 
 
 @pytest.mark.parametrize("timeout", [24.9 * 86400, 30 * 86400, 10**9, MAX_SECONDS])
-def test_a_pool_with_a_very_long_timeout_connects(
-    dsn: str, pg_admin: Any, timeout: float
-) -> None:
+def test_a_pool_with_a_very_long_timeout_connects(dsn: str, pg_admin: Any, timeout: float) -> None:
     """Before, the derived tcp_user_timeout overflowed: the constructor failed with a
     puzzling libpq error, and with minconn=0 every getconn retried until its deadline."""
     app = unique_app()
