@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pgctx._driver import extensions, psycopg2
+from pgctx._dsn import MISREAD_URI, is_uri, misreads_password, redact, secrets_of
 
 BACKOFF_FIRST = 0.05  # seconds before the first retry of a failed connect
 BACKOFF_MAX = 2.0  # longest pause between retries
@@ -49,12 +50,20 @@ def check_connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
     options = {k: v for k, v in kwargs.items() if k not in _DRIVER_ARGUMENTS and k != "dsn"}
     try:
         extensions.make_dsn(dsn, **options)
-    except psycopg2.ProgrammingError as exc:
-        raise type(exc)(
-            f"{exc} (the pool passes every argument it does not know to psycopg2.connect(); "
-            "pgctx's own options are timeout, max_waiting, check, check_after_idle, "
-            "max_lifetime, max_idle, reset, configure and leak_timeout)"
-        ) from None
+    except psycopg2.ProgrammingError as exc:  # its message quotes the DSN: mask secrets
+        problem = (
+            f"{redact(str(exc).strip(), secrets_of(args, kwargs))} (the pool passes every "
+            "argument it does not know to psycopg2.connect(); pgctx's own options are "
+            "timeout, max_waiting, check, check_after_idle, max_lifetime, max_idle, reset, "
+            "configure and leak_timeout)"
+        )
+    except UnicodeDecodeError:  # from psycopg2, about a decoded part of the DSN
+        problem = "invalid dsn: a percent-encoded part of the URI is not valid UTF-8"
+    else:
+        if not (is_uri(dsn) and misreads_password(extensions.parse_dsn(dsn))):
+            return
+        problem = f"invalid dsn: {MISREAD_URI}"
+    raise psycopg2.ProgrammingError(problem)  # outside the except: no context to show
 
 
 class ConnectParams:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pgctx import forksafe
 from pgctx._driver import extensions, psycopg2
-from pgctx._dsn import describe_target
+from pgctx._dsn import describe_target, scrubbed, secrets_of
 from pgctx.connecting import ConnectParams, check_connect_arguments
 from pgctx.errors import PoolError
 from pgctx.lifecycle import Lifecycle
@@ -108,6 +108,7 @@ class PoolCore:
         self._kwargs = kwargs
         check_connect_arguments(args, kwargs)
         self._label = f"{type(self).__name__} {describe_target(args, kwargs)}"
+        self._secrets = secrets_of(args, kwargs)  # masked in the errors of connects
         if self._life is not None:
             self._life.pool_label = self._label
         self._connect_params = ConnectParams(args, kwargs, self.timeout)
@@ -163,10 +164,17 @@ class PoolCore:
                 except BaseException:
                     _close_quietly(conn)
                     raise
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._stats.connections_errors += 1
-            raise
+            # libpq quotes what it could not use, which may be part of a password
+            clean = scrubbed(exc, self._secrets) if isinstance(exc, psycopg2.Error) else None
+            if clean is None:
+                raise
+        else:
+            clean = None
+        if clean is not None:
+            raise clean  # outside the except: the original is not kept as its context
         with self._lock:
             self._stats.connections_num += 1
             self._stats.connections_ms += (time.monotonic() - started) * 1000
