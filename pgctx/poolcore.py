@@ -195,8 +195,8 @@ class PoolCore:
         conn = self._open()
         with self._lock:
             if key is not None:
-                self._used[key] = conn
                 self._rused[id(conn)] = key
+                self._used[key] = conn
             else:
                 self._pool.append(conn)
         return conn
@@ -219,56 +219,81 @@ class PoolCore:
         ``minconn`` idle ones are closed, as in psycopg2.
         """
         life = self._life
-        with self._lock:
-            if self.closed:
-                raise PoolError("connection pool is closed")
-            if key is None:  # the common case, inlined: find the key by identity
-                key = self._rused.get(id(conn))
-                if key is None or self._used.get(key) is not conn:
-                    raise PoolError("trying to put unkeyed connection")
-            else:
-                conn, key = self._checked_out(conn, key)
-            assert conn is not None
-            if life is not None:
-                life.returned(conn, time.monotonic())  # also reports a leak coming back
-            if close or conn.closed:
-                self._forget(key, conn)
-                self._serve_waiter(None)
-                if conn.closed:  # psycopg2 drops closed connections silently
-                    self._stats.returns_bad += 1
-                    if life is not None:
-                        life.forget(conn)
-                    return
-                self._stats.connections_discarded += 1
-            else:
-                status = conn.get_transaction_status()  # conn.info costs an allocation
-                if status == _IDLE and life is None:
-                    del self._used[key]
-                    del self._rused[id(conn)]
-                    if self._waiters and self._serve_waiter(conn):
-                        return
-                    if len(self._pool) < self.minconn:
-                        self._pool.append(conn)
-                        return
-                    self._stats.connections_discarded += 1
-                elif status == _UNKNOWN:
-                    self._forget(key, conn)
-                    self._serve_waiter(None)
-                    self._stats.returns_bad += 1
-                elif not self._waiters and len(self._pool) >= self._idle_limit():
-                    # it would be closed anyway: psycopg2 skips the rollback too
-                    self._forget(key, conn)
-                    self._stats.connections_discarded += 1
-                elif life is not None and life.expired(conn, time.monotonic()):
-                    self._forget(key, conn)
-                    self._serve_waiter(None)
-                    self._stats.connections_recycled += 1
-                elif status == _IDLE and (life is None or life.reset is None):
-                    self._forget(key, conn)
-                    if self._give_back(conn):
-                        return
+        dirty = -1  # the status of a connection to roll back or reset outside the lock
+        try:
+            with self._lock:
+                if self.closed:
+                    raise PoolError("connection pool is closed")
+                if key is None:  # the common case, inlined: find the key by identity
+                    key = self._rused.get(id(conn))
+                    if key is None or self._used.get(key) is not conn:
+                        raise PoolError("trying to put unkeyed connection")
                 else:
-                    return self._clean_and_return(conn, key, status)
+                    conn, key = self._checked_out(conn, key)
+                assert conn is not None
+                if life is not None:
+                    life.returned(conn, time.monotonic())  # also reports a leak coming back
+                if close or conn.closed:
+                    self._forget(key, conn)
+                    self._serve_waiter(None)
+                    if conn.closed:  # psycopg2 drops closed connections silently
+                        self._stats.returns_bad += 1
+                        if life is not None:
+                            life.forget(conn)
+                        return
+                    self._stats.connections_discarded += 1
+                else:
+                    status = conn.get_transaction_status()  # conn.info costs an allocation
+                    if status == _IDLE and life is None:
+                        del self._rused[id(conn)]
+                        del self._used[key]
+                        if self._waiters and self._serve_waiter(conn):
+                            return
+                        if len(self._pool) < self.minconn:
+                            self._pool.append(conn)
+                            return
+                        self._stats.connections_discarded += 1
+                    elif status == _UNKNOWN:
+                        self._forget(key, conn)
+                        self._serve_waiter(None)
+                        self._stats.returns_bad += 1
+                    elif not self._waiters and len(self._pool) >= self._idle_limit():
+                        # it would be closed anyway: psycopg2 skips the rollback too
+                        self._forget(key, conn)
+                        self._stats.connections_discarded += 1
+                    elif life is not None and life.expired(conn, time.monotonic()):
+                        self._forget(key, conn)
+                        self._serve_waiter(None)
+                        self._stats.connections_recycled += 1
+                    elif status == _IDLE and (life is None or life.reset is None):
+                        self._forget(key, conn)
+                        if self._give_back(conn):
+                            return
+                    else:
+                        dirty = status
+            if dirty >= 0:  # the slot stays taken while it runs: no lock held, no waiter served
+                return self._clean_and_return(conn, key, dirty)
+        except Exception:
+            raise  # misuse (a wrong key, a foreign connection), or raised after cleaning up
+        except BaseException:  # an interrupt: the caller gave the connection up
+            self._discard_returned(conn, key)
+            raise
+        self._close(conn)
+
+    def _discard_returned(self, conn: Connection | None, key: Any) -> None:
+        """Close a connection whose putconn was interrupted, unless it went back already."""
+        with self._lock:
+            if key is None:
+                key = self._rused.get(id(conn))
+            try:
+                out = not self.closed and key is not None and self._used.get(key) is conn
+            except TypeError:  # an unhashable key
+                return
+            if not out or conn is None:
+                return
+            self._forget(key, conn)
+            self._serve_waiter(None)
+            self._stats.returns_bad += 1
         self._close(conn)
 
     def _checked_out(self, conn: Connection | None, key: Any) -> tuple[Connection, Any]:
@@ -334,8 +359,10 @@ class PoolCore:
         self._close(conn)
 
     def _forget(self, key: Any, conn: Connection) -> None:
-        del self._used[key]
+        # _rused first everywhere: an interrupt can only strike at a call (here id()),
+        # so the two maps never disagree (also when they are filled)
         del self._rused[id(conn)]
+        del self._used[key]
 
     def _idle_limit(self) -> int:
         """How many idle connections to keep: ``minconn``, or ``maxconn`` with ``max_idle``."""
@@ -372,8 +399,8 @@ class PoolCore:
                 self._connecting += 1
                 waiter.may_connect = True
             else:
-                self._used[waiter.key] = conn
                 self._rused[id(conn)] = waiter.key
+                self._used[waiter.key] = conn
                 waiter.conn = conn
             waiter.wake()
             return True

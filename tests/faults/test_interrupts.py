@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
+import itertools
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +35,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from pgctx import basepool, connecting, lifecycle, poolcore, waiting
 from pgctx.health import check_connection, reset_session
 from pgctx.pool import ThreadedConnectionPool
 from tests.helpers import unique_app, wait_backends, wait_until
@@ -71,14 +75,16 @@ def pools(dsn: str, app: str) -> Iterator[Callable[..., ThreadedConnectionPool]]
             pool.closeall()
 
 
-def assert_consistent(pool: ThreadedConnectionPool, admin: Any, app: str) -> None:
+def assert_consistent(
+    pool: ThreadedConnectionPool, admin: Any, app: str, bound: float = GENEROUS
+) -> None:
     """The invariants, once the test has put back everything it held."""
-    assert wait_until(lambda: pool._connecting == 0, GENEROUS), "a slot stayed reserved"
+    assert wait_until(lambda: pool._connecting == 0, bound), "a slot stayed reserved"
     with pool._lock:
         assert not pool._waiters, "a waiter was left queued"
         assert pool._used == {} and pool._rused == {}, "a connection stayed checked out"
         accounted = len(pool._used) + len(pool._pool) + pool._connecting
-    assert wait_backends(admin, app, accounted, GENEROUS) == accounted
+    assert wait_backends(admin, app, accounted, bound) == accounted, "server count differs"
     if pool._maintenance is not None:
         assert pool._maintenance._thread.is_alive(), "the maintenance thread died"
     conns = [pool.getconn(timeout=GENEROUS) for _ in range(pool.maxconn)]
@@ -367,3 +373,137 @@ def test_a_base_exception_in_the_background_refill_frees_the_slots_and_spares_th
         assert_consistent(pool, pg_admin, app)
     finally:
         pool.closeall()
+
+
+# -- every point where an interrupt can be delivered, one after the other -----------------
+
+# CPython delivers an asynchronous exception (a signal handler's, PyThreadState_SetAsyncExc's)
+# only at some points of the bytecode: right after a call into C returns, when a Python
+# function starts, at the end of a loop body. A profile function sees exactly those points
+# as "c_return" and "call" events, and an exception it raises is raised there. So raising
+# at the n-th such event in the pool's code, for every n, tries every point an interrupt
+# can reach in it.
+
+POOL_CODE = {
+    os.path.abspath(m.__file__ or "") for m in (basepool, poolcore, waiting, lifecycle, connecting)
+}
+
+
+class InjectAt:
+    """A profile function that raises FakeExit at the n-th delivery point in the pool's code."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = 0
+        self.where = ""
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if event not in ("call", "c_return") or frame.f_code.co_filename not in POOL_CODE:
+            return
+        if event == "call" and frame.f_back.f_code.co_filename not in POOL_CODE:
+            return  # the entry of getconn or putconn: the caller's side of the boundary
+        self.seen += 1
+        if self.seen == self.n:
+            self.where = f"{frame.f_code.co_name}:{frame.f_lineno} ({event})"
+            raise FakeExit(self.where)
+
+
+def scenario_fast(pool: Any, held: list[Any]) -> None:
+    held.append(pool.getconn())
+    pool.putconn(held.pop())
+
+
+def scenario_policies(pool: Any, held: list[Any]) -> None:
+    conn = pool.getconn()  # check on checkout
+    held.append(conn)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")  # a transaction to roll back on return, then the reset
+    pool.putconn(held.pop())
+
+
+def scenario_connect(pool: Any, held: list[Any]) -> None:
+    held.append(pool.getconn())
+    held.append(pool.getconn())  # no idle one left: a connect
+    pool.putconn(held.pop())
+    pool.putconn(held.pop())
+
+
+def scenario_wait(pool: Any, held: list[Any], close: bool) -> None:
+    for _ in range(pool.maxconn):
+        held.append(pool.getconn())
+    first = held[0]
+    done = threading.Event()
+    returned: list[Any] = []
+
+    def give_back_when_queued() -> None:  # another borrower returns a connection
+        queued = wait_until(lambda: len(pool._waiters) == 1 or done.is_set(), GENEROUS)
+        if queued and not done.is_set():
+            pool.putconn(first, close=close)
+            returned.append(first)
+
+    helper = threading.Thread(target=give_back_when_queued, daemon=True)
+    helper.start()
+    try:
+        conn = pool.getconn()
+    finally:
+        done.set()
+        helper.join(GENEROUS)
+        if returned:
+            held.remove(first)
+    held.append(conn)
+
+
+def scenario_refill(pool: Any, held: list[Any]) -> None:
+    while pool._pool:  # the idle connections are lost; the refill opens minconn again
+        pool._close(pool._pool.pop())
+    pool._maintain()
+
+
+SCENARIOS: dict[str, tuple[Callable[[Any, list[Any]], None], dict[str, Any]]] = {
+    "fast": (scenario_fast, {}),
+    "policies": (
+        scenario_policies,
+        {"check": check_connection, "reset": reset_session, "timeout": GENEROUS},
+    ),
+    "connect": (scenario_connect, {"configure": lambda conn: None, "timeout": GENEROUS}),
+    "wait-return": (lambda p, h: scenario_wait(p, h, False), {"timeout": GENEROUS}),
+    "wait-slot": (lambda p, h: scenario_wait(p, h, True), {"timeout": GENEROUS}),
+    "refill": (scenario_refill, {"timeout": GENEROUS, "max_lifetime": 3600}),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_an_interrupt_at_any_delivery_point_leaks_nothing(
+    dsn: str, pg_admin: Any, name: str
+) -> None:
+    run, options = SCENARIOS[name]
+    points = 0
+    broken: list[str] = []
+    for n in itertools.count(1):
+        app = unique_app("interrupt-point")
+        pool = ThreadedConnectionPool(1, 2, dsn, application_name=app, **options)
+        held: list[Any] = []
+        injector = InjectAt(n)
+        try:
+            sys.setprofile(injector)
+            try:
+                run(pool, held)
+            finally:
+                sys.setprofile(None)
+        except FakeExit:
+            pass
+        if injector.seen < n:  # the scenario ran to its end: every point was tried
+            pool.closeall()
+            break
+        points += 1
+        for conn in held:
+            pool.putconn(conn)
+        gc.collect()  # connections lost with the interrupt's frames are closed now
+        try:
+            assert_consistent(pool, pg_admin, app, bound=3.0)  # ms when it works
+        except AssertionError as exc:
+            broken.append(f"{injector.where}: {str(exc).splitlines()[0]}")
+        finally:
+            pool.closeall()
+    assert points > 5
+    assert broken == [], f"{len(broken)} of {points} points leak:\n" + "\n".join(broken)
