@@ -76,7 +76,7 @@ def secrets_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Secrets:
             guessed = _raw_secrets(dsn)
         else:
             exact.update(str(v) for k, v in parsed.items() if k in _SECRET_KEYS)
-            if is_uri(dsn) and misreads_password(parsed):
+            if is_uri(dsn) and misreads_password(dsn, parsed):
                 guessed = _raw_secrets(dsn)
     return Secrets(_longest_first(exact), _longest_first(guessed))
 
@@ -85,14 +85,24 @@ def _longest_first(found: set[str]) -> tuple[str, ...]:
     return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
 
-def misreads_password(parsed: dict[str, str]) -> bool:
-    """Whether libpq's reading of a URI shows an unencoded '@' or '/' in its password."""
+def misreads_password(uri: str, parsed: dict[str, str]) -> bool:
+    """Whether libpq's reading of a URI shows an unencoded '@' or '/' in its password.
+
+    libpq ends the user info at the first '@' or '/': a '/' in the password makes the
+    rest of it the path (``u:pa/ss@h/db``: host 'u', port 'pa', dbname 'ss@h/db'), a
+    second '@' puts it in the host. So an '@' in the host or in the path, or a port
+    that is not a number, means the password was misread.
+    """
     if "@" in parsed.get("host", ""):
         return True
     if not _PORTS.fullmatch(parsed.get("port", "")):
-        return True  # 'u:pa/ss@h' reads as host 'u', port 'pa'
-    no_user = "user" not in parsed and "password" not in parsed
-    return no_user and "@" in parsed.get("dbname", "")  # 'u:/ss@h/db': dbname 'ss@h/db'
+        return True
+    rest = uri.split("://", 1)[1]
+    slash = rest.find("/")
+    if slash < 0:
+        return False
+    path = rest[slash:].split("?", 1)[0]
+    return "@" in path  # a literal '@' in a database name is written %40
 
 
 def redact(text: str, secrets: Secrets) -> str:
@@ -158,7 +168,7 @@ def describe_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             params.update(extensions.parse_dsn(dsn))
         except Exception:
             return "<unparseable dsn>"
-        if is_uri(dsn) and misreads_password(params):
+        if is_uri(dsn) and misreads_password(dsn, params):
             return "<URI with a misread password>"  # its host, port, dbname hold parts of it
     params.update({k: v for k, v in kwargs.items() if k != "dsn"})
     secrets = secrets_of(args, kwargs)

@@ -60,7 +60,7 @@ def check_connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
     except UnicodeDecodeError:  # from psycopg2, about a decoded part of the DSN
         problem = "invalid dsn: a percent-encoded part of the URI is not valid UTF-8"
     else:
-        if not (is_uri(dsn) and misreads_password(extensions.parse_dsn(dsn))):
+        if not (is_uri(dsn) and misreads_password(dsn, extensions.parse_dsn(dsn))):
             return
         problem = f"invalid dsn: {MISREAD_URI}"
     raise psycopg2.ProgrammingError(problem)  # outside the except: no context to show

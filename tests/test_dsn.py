@@ -68,10 +68,12 @@ def test_secrets_of_an_unparseable_dsn_are_guessed_and_masked(dsn: str, secret: 
         "postgresql://u:pa/Qx7Zq@host/db",  # host 'u', port 'pa', dbname 'Qx7Zq@host/db'
         "postgresql://u:/Qx7Zq@host/db",  # host 'u', dbname 'Qx7Zq@host/db'
         "postgresql://u:123/Qx7Zq@host/db",  # host 'u', port '123', dbname 'Qx7Zq@host/db'
+        "postgresql://u:123@Qx7Zq/Z9@host/db",  # host 'Qx7Zq' (an IPv4 number!), dbname 'Z9@...'
+        "postgresql://u:pw@host/db@x",  # a database name with '@' is written db%40x
     ],
 )
 def test_a_uri_whose_password_libpq_misreads_is_refused(dsn: str) -> None:
-    assert misreads_password(psycopg2.extensions.parse_dsn(dsn))
+    assert misreads_password(dsn, psycopg2.extensions.parse_dsn(dsn))
     with pytest.raises(psycopg2.ProgrammingError, match="must be percent-encoded") as info:
         check_connect_arguments((dsn,), {})
     assert "Qx7Zq" not in str(info.value)
@@ -86,11 +88,12 @@ def test_a_uri_whose_password_libpq_misreads_is_refused(dsn: str) -> None:
         "postgresql://u:p?s#s@host/db",
         "postgresql://u:pw@%2Fvar%2Frun/db",
         "postgresql:///db?host=/tmp&port=5433",
-        "postgresql://u:pw@host/db@x",  # a database name with '@', and a user: read fine
+        "postgresql://u:pw@host/db%40x",  # a database name with '@'
+        "postgresql://u:pw@host/db?application_name=a@b",  # "@" in the query string
     ],
 )
 def test_well_formed_uris_are_accepted(dsn: str) -> None:
-    assert not misreads_password(psycopg2.extensions.parse_dsn(dsn))
+    assert not misreads_password(dsn, psycopg2.extensions.parse_dsn(dsn))
     check_connect_arguments((dsn,), {})
 
 
