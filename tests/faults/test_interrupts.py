@@ -35,10 +35,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pgctx import basepool, connecting, lifecycle, poolcore, waiting
+from pgctx import basepool, connecting, lifecycle, poolcore, waiting, with_connection
 from pgctx.health import check_connection, reset_session
 from pgctx.pool import ThreadedConnectionPool
-from tests.helpers import unique_app, wait_backends, wait_until
+from tests.helpers import backends, unique_app, wait_backends, wait_until
 
 GENEROUS = 30.0  # seconds: an upper bound that is never reached when things work
 
@@ -83,8 +83,12 @@ def assert_consistent(
     with pool._lock:
         assert not pool._waiters, "a waiter was left queued"
         assert pool._used == {} and pool._rused == {}, "a connection stayed checked out"
-        accounted = len(pool._used) + len(pool._pool) + pool._connecting
-    assert wait_backends(admin, app, accounted, bound) == accounted, "server count differs"
+
+    def accounted() -> int:  # read again each time: the maintenance thread may close some
+        with pool._lock:
+            return len(pool._used) + len(pool._pool) + pool._connecting
+
+    assert wait_until(lambda: backends(admin, app) == accounted(), bound), "server count differs"
     if pool._maintenance is not None:
         assert pool._maintenance._thread.is_alive(), "the maintenance thread died"
     conns = [pool.getconn(timeout=GENEROUS) for _ in range(pool.maxconn)]
@@ -390,17 +394,18 @@ POOL_CODE = {
 
 
 class InjectAt:
-    """A profile function that raises FakeExit at the n-th delivery point in the pool's code."""
+    """A profile function that raises FakeExit at the n-th delivery point in ``code``."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, code: set[str] = POOL_CODE) -> None:
         self.n = n
+        self.code = code
         self.seen = 0
         self.where = ""
 
     def __call__(self, frame: Any, event: str, arg: Any) -> None:
-        if event not in ("call", "c_return") or frame.f_code.co_filename not in POOL_CODE:
+        if event not in ("call", "c_return") or frame.f_code.co_filename not in self.code:
             return
-        if event == "call" and frame.f_back.f_code.co_filename not in POOL_CODE:
+        if event == "call" and frame.f_back.f_code.co_filename not in self.code:
             return  # the entry of getconn or putconn: the caller's side of the boundary
         self.seen += 1
         if self.seen == self.n:
@@ -472,18 +477,22 @@ SCENARIOS: dict[str, tuple[Callable[[Any, list[Any]], None], dict[str, Any]]] = 
 }
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-def test_an_interrupt_at_any_delivery_point_leaks_nothing(
-    dsn: str, pg_admin: Any, name: str
-) -> None:
-    run, options = SCENARIOS[name]
+def try_every_point(
+    dsn: str,
+    admin: Any,
+    run: Callable[[Any, list[Any]], None],
+    options: dict[str, Any],
+    code: set[str] = POOL_CODE,
+) -> tuple[int, list[str]]:
+    """Run ``run`` once per delivery point in ``code``, interrupted there; return how many
+    points there were and where the pool was left inconsistent."""
     points = 0
     broken: list[str] = []
     for n in itertools.count(1):
         app = unique_app("interrupt-point")
         pool = ThreadedConnectionPool(1, 2, dsn, application_name=app, **options)
         held: list[Any] = []
-        injector = InjectAt(n)
+        injector = InjectAt(n, code)
         try:
             sys.setprofile(injector)
             try:
@@ -500,10 +509,63 @@ def test_an_interrupt_at_any_delivery_point_leaks_nothing(
             pool.putconn(conn)
         gc.collect()  # connections lost with the interrupt's frames are closed now
         try:
-            assert_consistent(pool, pg_admin, app, bound=3.0)  # ms when it works
+            assert_consistent(pool, admin, app, bound=3.0)  # ms when it works
         except AssertionError as exc:
             broken.append(f"{injector.where}: {str(exc).splitlines()[0]}")
         finally:
             pool.closeall()
+    return points, broken
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_an_interrupt_at_any_delivery_point_leaks_nothing(
+    dsn: str, pg_admin: Any, name: str
+) -> None:
+    run, options = SCENARIOS[name]
+    points, broken = try_every_point(dsn, pg_admin, run, options)
     assert points > 5
+    assert broken == [], f"{len(broken)} of {points} points leak:\n" + "\n".join(broken)
+
+
+SCOPE_CODE = POOL_CODE | {
+    os.path.abspath(sys.modules[f"pgctx.{name}"].__file__ or "")
+    for name in ("scope", "registry", "transaction", "decorators", "health")
+}
+
+
+def scenario_block(pool: Any, held: list[Any]) -> None:
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+def scenario_decorated(pool: Any, held: list[Any]) -> None:
+    @with_connection(pool)
+    def inner(conn: Any = None) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    @with_connection(pool)
+    def outer(conn: Any = None) -> None:
+        inner()  # joins outer's connection
+
+    outer()
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "the scope layer holds a checked-out connection across calls where an interrupt "
+        "can strike with no handler to put it away: ConnectionScope._open between "
+        "getconn() and the binding (scope.py, registry Binding/Handle construction), "
+        "ConnectionScope.__exit__ before _finish (binding.leave/abort), and _finish "
+        "before putconn (transaction.end_transaction, health.is_broken); about half of "
+        "the delivery points of a with-block or a decorated call leak the connection"
+    ),
+)
+@pytest.mark.parametrize("run", [scenario_block, scenario_decorated], ids=["block", "decorated"])
+def test_an_interrupt_at_any_delivery_point_of_a_with_block_leaks_nothing(
+    dsn: str, pg_admin: Any, run: Callable[[Any, list[Any]], None]
+) -> None:
+    points, broken = try_every_point(dsn, pg_admin, run, {"timeout": GENEROUS}, SCOPE_CODE)
+    assert points > 20
     assert broken == [], f"{len(broken)} of {points} points leak:\n" + "\n".join(broken)
