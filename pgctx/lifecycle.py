@@ -72,7 +72,7 @@ def _hook(value: object, name: str) -> ConnectionHook | None:
     return value
 
 
-def blame_hook(exc: BaseException, name: str, outcome: str) -> None:
+def _blame_hook(exc: BaseException, name: str, outcome: str) -> None:
     """Note on ``exc`` that the pool's ``name`` callable raised it (a bug in the callable).
 
     Python 3.11+ prints notes with the traceback; on 3.10 the note is kept in
@@ -164,7 +164,7 @@ class Lifecycle:
                 raise
             except Exception as exc:
                 if not _is_connection_failure(conn):
-                    blame_hook(exc, "configure", "the new connection was closed")
+                    _blame_hook(exc, "configure", "the new connection was closed")
                 raise
         now = time.monotonic()
         expires = float("inf")
@@ -221,7 +221,7 @@ class Lifecycle:
             return True
         except Exception as exc:
             if not isinstance(exc, psycopg2.Error) and not _is_connection_failure(conn):
-                blame_hook(exc, "check", "the connection was put back in the pool")
+                _blame_hook(exc, "check", "the connection was put back in the pool")
                 raise
             _log.info(
                 "connection failed its check on checkout; discarding it",
@@ -259,7 +259,7 @@ class Lifecycle:
             return True
         except Exception as exc:
             if not isinstance(exc, psycopg2.Error) and not _is_connection_failure(conn):
-                blame_hook(exc, "reset", "the connection was closed, as its session may hold state")
+                _blame_hook(exc, "reset", "the connection was closed: its session may hold state")
                 raise
             _log.warning(
                 "reset failed on return; discarding the connection",

@@ -281,7 +281,7 @@ class PoolCore:
         self._close(conn)
 
     def _discard_returned(self, conn: Connection | None, key: Any) -> None:
-        """Close a connection whose putconn was interrupted, unless it went back already."""
+        """Close a connection whose return was cut short, unless it went back already."""
         with self._lock:
             if key is None:
                 key = self._rused.get(id(conn))
@@ -335,7 +335,7 @@ class PoolCore:
                 if usable and self._life is not None:
                     usable = self._life.cleans_up(conn)
         except BaseException:  # interrupted, or a bug in the reset callable: discard it
-            self._discard_taken(key, conn)
+            self._discard_returned(conn, key)
             raise
         with self._lock:
             if not usable:
@@ -346,15 +346,6 @@ class PoolCore:
                 self._forget(key, conn)
                 if usable and self._give_back(conn):
                     return
-                self._serve_waiter(None)
-        self._close(conn)
-
-    def _discard_taken(self, key: Any, conn: Connection) -> None:
-        """Close a checked-out connection that cannot go back, freeing its slot."""
-        with self._lock:
-            self._stats.returns_bad += 1
-            if not self.closed and self._used.get(key) is conn:
-                self._forget(key, conn)
                 self._serve_waiter(None)
         self._close(conn)
 
