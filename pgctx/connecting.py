@@ -48,6 +48,12 @@ def check_connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
         return  # an unusual call: let psycopg2.connect() judge it
     dsn = args[0] if args else kwargs.get("dsn")
     options = {k: v for k, v in kwargs.items() if k not in _DRIVER_ARGUMENTS and k != "dsn"}
+    for name, value in [("dsn", dsn), *options.items()]:
+        if isinstance(value, str) and "\x00" in value:  # libpq takes C strings
+            raise ValueError(
+                f"the {name} argument contains a NUL character, which libpq cannot take "
+                "(its value is not shown: it may be a password)"
+            )
     try:
         extensions.make_dsn(dsn, **options)
     except psycopg2.ProgrammingError as exc:  # its message quotes the DSN: mask secrets

@@ -121,6 +121,7 @@ BAD_CONFIGURATIONS: list[tuple[Any, tuple[Any, Any], dict[str, Any], Any, str]] 
     # options libpq does not know (a misspelt pgctx option ends up there)
     (T, (1, 2), {"timout": 1}, psycopg2.ProgrammingError, 'invalid connection option "timout"'),
     (T, (1, 2), {"max_lifetim": 60}, psycopg2.ProgrammingError, '"max_lifetim"'),
+    (T, (1, 2), {"password": "s3\x00cret"}, ValueError, "the password argument contains a NUL"),
 ]
 
 
