@@ -15,10 +15,12 @@ import time
 from typing import Any
 
 from pgctx._driver import extensions, psycopg2
+from pgctx._dsn import MISREAD_URI, is_uri, misreads_password, redact, secrets_of
 
 BACKOFF_FIRST = 0.05  # seconds before the first retry of a failed connect
 BACKOFF_MAX = 2.0  # longest pause between retries
 LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats smaller values as 2 seconds
+LIBPQ_INT_MAX = 2**31 - 1  # libpq reads integer options into a C int and rejects larger ones
 
 # psycopg2.connect() arguments that are not libpq connection options
 _DRIVER_ARGUMENTS = frozenset({"connection_factory", "cursor_factory", "async", "async_"})
@@ -46,14 +48,28 @@ def check_connect_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> No
         return  # an unusual call: let psycopg2.connect() judge it
     dsn = args[0] if args else kwargs.get("dsn")
     options = {k: v for k, v in kwargs.items() if k not in _DRIVER_ARGUMENTS and k != "dsn"}
+    for name, value in [("dsn", dsn), *options.items()]:
+        if isinstance(value, str) and "\x00" in value:  # libpq takes C strings
+            raise ValueError(
+                f"the {name} argument contains a NUL character, which libpq cannot take "
+                "(its value is not shown: it may be a password)"
+            )
     try:
         extensions.make_dsn(dsn, **options)
-    except psycopg2.ProgrammingError as exc:
-        raise type(exc)(
-            f"{exc} (the pool passes every argument it does not know to psycopg2.connect(); "
-            "pgctx's own options are timeout, max_waiting, check, check_after_idle, "
-            "max_lifetime, max_idle, reset, configure and leak_timeout)"
-        ) from None
+    except psycopg2.ProgrammingError as exc:  # its message quotes the DSN: mask secrets
+        problem = (
+            f"{redact(str(exc).strip(), secrets_of(args, kwargs))} (the pool passes every "
+            "argument it does not know to psycopg2.connect(); pgctx's own options are "
+            "timeout, max_waiting, check, check_after_idle, max_lifetime, max_idle, reset, "
+            "configure and leak_timeout)"
+        )
+    except UnicodeDecodeError:  # from psycopg2, about a decoded part of the DSN
+        problem = "invalid dsn: a percent-encoded part of the URI is not valid UTF-8"
+    else:
+        if not (is_uri(dsn) and misreads_password(dsn, extensions.parse_dsn(dsn))):
+            return
+        problem = f"invalid dsn: {MISREAD_URI}"
+    raise psycopg2.ProgrammingError(problem)  # outside the except: no context to show
 
 
 class ConnectParams:
@@ -75,7 +91,8 @@ class ConnectParams:
                 "keepalives_count": 3,
                 # unacknowledged data fails the connection after this (ms); never below
                 # 5 s, so that a short pool timeout does not turn a hiccup into errors
-                "tcp_user_timeout": max(5000, math.ceil(timeout * 1000)),
+                # (a C int of milliseconds: a timeout beyond ~24.8 days is clamped)
+                "tcp_user_timeout": min(LIBPQ_INT_MAX, max(5000, math.ceil(timeout * 1000))),
             }
             self.kwargs = {**{k: v for k, v in defaults.items() if k not in given}, **kwargs}
 
@@ -83,7 +100,7 @@ class ConnectParams:
         """The keyword arguments for a connect that must end by ``deadline``."""
         if deadline is None or not self._deadline_sets_timeout:
             return self.kwargs
-        left = math.ceil(deadline - time.monotonic())
+        left = min(LIBPQ_INT_MAX, math.ceil(deadline - time.monotonic()))
         return {**self.kwargs, "connect_timeout": max(LIBPQ_MIN_CONNECT_TIMEOUT, left)}
 
 

@@ -8,6 +8,8 @@ path pays nothing for them.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import random
@@ -16,6 +18,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from pgctx._driver import psycopg2
+from pgctx.health import is_broken
 from pgctx.waiting import Connection, validate_timeout
 from pgctx.watchdog import WATCHDOG
 
@@ -46,11 +50,53 @@ def _callers_stack() -> list[traceback.FrameSummary]:
 
 
 def _hook(value: object, name: str) -> ConnectionHook | None:
-    if value is None or callable(value):
+    """Check a hook option: None, or a callable that accepts the connection positionally."""
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be a callable taking the connection, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # some builtins and C callables cannot be inspected
         return value
-    raise TypeError(
-        f"{name} must be a callable taking the connection, got {value!r} ({type(value).__name__})"
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise TypeError(
+            f"{name} must accept the connection as its one positional argument, but "
+            f"{value!r} has the signature {signature}: define it as {name}(conn)"
+        ) from None
+    return value
+
+
+def _blame_hook(exc: BaseException, name: str, outcome: str) -> None:
+    """Note on ``exc`` that the pool's ``name`` callable raised it (a bug in the callable).
+
+    Python 3.11+ prints notes with the traceback; on 3.10 the note is kept in
+    ``__notes__``, where ``add_note`` would put it.
+    """
+    text = (
+        f"pgctx: raised by the pool's {name} callable, which is taken as a bug in it "
+        f"(a connection fails its {name} when the callable raises a psycopg2.Error); "
+        f"{outcome}"
     )
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+        return
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions without a __dict__
+        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
+
+
+def _is_connection_failure(conn: Connection) -> bool:
+    """After a hook raised something else than a psycopg2.Error: is the connection at fault?"""
+    try:
+        return is_broken(conn)
+    except Exception:  # not even its status can be read
+        return True
 
 
 def _seconds(value: object, name: str) -> float | None:
@@ -106,9 +152,20 @@ class Lifecycle:
     # -- connect / close -----------------------------------------------------------
 
     def opened(self, conn: Connection) -> None:
-        """Configure a new connection (raising if that fails) and start tracking it."""
+        """Configure a new connection (raising if that fails) and start tracking it.
+
+        A psycopg2.Error from ``configure`` is a failed connect; anything else is a
+        bug in the callable and gets a note saying so (the pool closes the connection).
+        """
         if self.configure is not None:
-            self.configure(conn)
+            try:
+                self.configure(conn)
+            except psycopg2.Error:
+                raise
+            except Exception as exc:
+                if not _is_connection_failure(conn):
+                    _blame_hook(exc, "configure", "the new connection was closed")
+                raise
         now = time.monotonic()
         expires = float("inf")
         if self.max_lifetime is not None:
@@ -148,7 +205,12 @@ class Lifecycle:
                 info.taken_from = _callers_stack()
 
     def passes_check(self, conn: Connection, deadline: float | None) -> bool:
-        """Run ``check``; with a deadline, a check still running then fails."""
+        """Run ``check``: True if the connection passed, False if it failed.
+
+        It failed when the callable raised a psycopg2.Error or left the connection
+        broken; with a deadline, a check still running then fails. Anything else the
+        callable raises is a bug in it: raised with a note (the connection is fine).
+        """
         assert self.check is not None
         try:
             if deadline is None:
@@ -157,7 +219,10 @@ class Lifecycle:
                 with WATCHDOG.deadline(conn, max(deadline - time.monotonic(), CHECK_GRACE)):
                     self.check(conn)
             return True
-        except Exception:
+        except Exception as exc:
+            if not isinstance(exc, psycopg2.Error) and not _is_connection_failure(conn):
+                _blame_hook(exc, "check", "the connection was put back in the pool")
+                raise
             _log.info(
                 "connection failed its check on checkout; discarding it",
                 exc_info=True,
@@ -181,13 +246,21 @@ class Lifecycle:
             info.reported = False
 
     def cleans_up(self, conn: Connection) -> bool:
-        """Run ``reset`` on a returned connection; False (logged) if it failed."""
+        """Run ``reset`` on a returned connection; False (logged) if it failed.
+
+        It failed when the callable raised a psycopg2.Error or left the connection
+        broken. Anything else is a bug in the callable: raised with a note (the pool
+        closes the connection, whose session may not have been reset).
+        """
         if self.reset is None:
             return True
         try:
             self.reset(conn)
             return True
-        except Exception:
+        except Exception as exc:
+            if not isinstance(exc, psycopg2.Error) and not _is_connection_failure(conn):
+                _blame_hook(exc, "reset", "the connection was closed: its session may hold state")
+                raise
             _log.warning(
                 "reset failed on return; discarding the connection",
                 exc_info=True,

@@ -57,6 +57,10 @@ def _run(pool_ref: weakref.ref[Maintained], interval: float, stop: threading.Eve
             return
         try:
             pool._maintain()
-        except Exception:  # never let the thread die: the pool depends on it
+        except BaseException:  # never let the thread die: the pool depends on it
+            # A BaseException here comes from a user hook (configure, a connect
+            # wrapper) during the refill; the pool has freed its slots. Ending the
+            # thread would silently stop refills and recycling for good, and nobody
+            # is there to catch it: log it loudly and carry on.
             _log.exception("pool maintenance failed; will try again")
         del pool

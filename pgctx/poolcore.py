@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from pgctx import forksafe
 from pgctx._driver import extensions, psycopg2
-from pgctx._dsn import describe_target
+from pgctx._dsn import describe_target, scrubbed, secrets_of
 from pgctx.connecting import ConnectParams, check_connect_arguments
 from pgctx.errors import PoolError
 from pgctx.hooks import open_through_connect
@@ -112,6 +112,7 @@ class PoolCore(forksafe.PerProcess):
         if "_connect" not in self._overridden_hooks:  # an override may take other keywords
             check_connect_arguments(args, kwargs)
         self._label = f"{type(self).__name__} {describe_target(args, kwargs)}"
+        self._secrets = secrets_of(args, kwargs)  # masked in the errors of connects
         if self._life is not None:
             self._life.pool_label = self._label
         self._connect_params = ConnectParams(args, kwargs, self.timeout)
@@ -171,10 +172,17 @@ class PoolCore(forksafe.PerProcess):
                 except BaseException:
                     _close_quietly(conn)
                     raise
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._stats.connections_errors += 1
-            raise
+            # libpq quotes what it could not use, which may be part of a password
+            clean = scrubbed(exc, self._secrets) if isinstance(exc, psycopg2.Error) else None
+            if clean is None:
+                raise
+        else:
+            clean = None
+        if clean is not None:
+            raise clean  # outside the except: the original is not kept as its context
         with self._lock:
             self._stats.connections_num += 1
             self._stats.connections_ms += (time.monotonic() - started) * 1000
@@ -203,8 +211,8 @@ class PoolCore(forksafe.PerProcess):
         conn = self._open()
         with self._lock:
             if key is not None:
-                self._used[key] = conn
                 self._rused[id(conn)] = key
+                self._used[key] = conn
             else:
                 self._pool.append(conn)
         return conn
@@ -229,56 +237,81 @@ class PoolCore(forksafe.PerProcess):
         if not self._ready[0]:  # the first return in this process (see _enter_process)
             self._enter_process()
         life = self._life
-        with self._lock:
-            if self.closed:
-                raise PoolError("connection pool is closed")
-            if key is None:  # the common case, inlined: find the key by identity
-                key = self._rused.get(id(conn))
-                if key is None or self._used.get(key) is not conn:
-                    raise PoolError("trying to put unkeyed connection")
-            else:
-                conn, key = self._checked_out(conn, key)
-            assert conn is not None
-            if life is not None:
-                life.returned(conn, time.monotonic())  # also reports a leak coming back
-            if close or conn.closed:
-                self._forget(key, conn)
-                self._serve_waiter(None)
-                if conn.closed:  # psycopg2 drops closed connections silently
-                    self._stats.returns_bad += 1
-                    if life is not None:
-                        life.forget(conn)
-                    return
-                self._stats.connections_discarded += 1
-            else:
-                status = conn.get_transaction_status()  # conn.info costs an allocation
-                if status == _IDLE and life is None:
-                    del self._used[key]
-                    del self._rused[id(conn)]
-                    if self._waiters and self._serve_waiter(conn):
-                        return
-                    if len(self._pool) < self.minconn:
-                        self._pool.append(conn)
-                        return
-                    self._stats.connections_discarded += 1
-                elif status == _UNKNOWN:
-                    self._forget(key, conn)
-                    self._serve_waiter(None)
-                    self._stats.returns_bad += 1
-                elif not self._waiters and len(self._pool) >= self._idle_limit():
-                    # it would be closed anyway: psycopg2 skips the rollback too
-                    self._forget(key, conn)
-                    self._stats.connections_discarded += 1
-                elif life is not None and life.expired(conn, time.monotonic()):
-                    self._forget(key, conn)
-                    self._serve_waiter(None)
-                    self._stats.connections_recycled += 1
-                elif status == _IDLE and (life is None or life.reset is None):
-                    self._forget(key, conn)
-                    if self._give_back(conn):
-                        return
+        dirty = -1  # the status of a connection to roll back or reset outside the lock
+        try:
+            with self._lock:
+                if self.closed:
+                    raise PoolError("connection pool is closed")
+                if key is None:  # the common case, inlined: find the key by identity
+                    key = self._rused.get(id(conn))
+                    if key is None or self._used.get(key) is not conn:
+                        raise PoolError("trying to put unkeyed connection")
                 else:
-                    return self._clean_and_return(conn, key, status)
+                    conn, key = self._checked_out(conn, key)
+                assert conn is not None
+                if life is not None:
+                    life.returned(conn, time.monotonic())  # also reports a leak coming back
+                if close or conn.closed:
+                    self._forget(key, conn)
+                    self._serve_waiter(None)
+                    if conn.closed:  # psycopg2 drops closed connections silently
+                        self._stats.returns_bad += 1
+                        if life is not None:
+                            life.forget(conn)
+                        return
+                    self._stats.connections_discarded += 1
+                else:
+                    status = conn.get_transaction_status()  # conn.info costs an allocation
+                    if status == _IDLE and life is None:
+                        del self._rused[id(conn)]
+                        del self._used[key]
+                        if self._waiters and self._serve_waiter(conn):
+                            return
+                        if len(self._pool) < self.minconn:
+                            self._pool.append(conn)
+                            return
+                        self._stats.connections_discarded += 1
+                    elif status == _UNKNOWN:
+                        self._forget(key, conn)
+                        self._serve_waiter(None)
+                        self._stats.returns_bad += 1
+                    elif not self._waiters and len(self._pool) >= self._idle_limit():
+                        # it would be closed anyway: psycopg2 skips the rollback too
+                        self._forget(key, conn)
+                        self._stats.connections_discarded += 1
+                    elif life is not None and life.expired(conn, time.monotonic()):
+                        self._forget(key, conn)
+                        self._serve_waiter(None)
+                        self._stats.connections_recycled += 1
+                    elif status == _IDLE and (life is None or life.reset is None):
+                        self._forget(key, conn)
+                        if self._give_back(conn):
+                            return
+                    else:
+                        dirty = status
+            if dirty >= 0:  # the slot stays taken while it runs: no lock held, no waiter served
+                return self._clean_and_return(conn, key, dirty)
+        except Exception:
+            raise  # misuse (a wrong key, a foreign connection), or raised after cleaning up
+        except BaseException:  # an interrupt: the caller gave the connection up
+            self._discard_returned(conn, key)
+            raise
+        self._close(conn)
+
+    def _discard_returned(self, conn: Connection | None, key: Any) -> None:
+        """Close a connection whose return was cut short, unless it went back already."""
+        with self._lock:
+            if key is None:
+                key = self._rused.get(id(conn))
+            try:
+                out = not self.closed and key is not None and self._used.get(key) is conn
+            except TypeError:  # an unhashable key
+                return
+            if not out or conn is None:
+                return
+            self._forget(key, conn)
+            self._serve_waiter(None)
+            self._stats.returns_bad += 1
         self._close(conn)
 
     def _checked_out(self, conn: Connection | None, key: Any) -> tuple[Connection, Any]:
@@ -304,20 +337,24 @@ class PoolCore(forksafe.PerProcess):
         # With a timeout, a server that stopped answering must not hold putconn forever.
         bound = WATCHDOG.deadline(conn, max(self.timeout, 5.0)) if self.timeout else nullcontext()
         usable = True
-        with bound:
-            if status != _IDLE:
-                try:
-                    conn.rollback()
-                    usable = conn.get_transaction_status() == _IDLE
-                except Exception:
-                    _log.warning(
-                        "rollback failed on return; discarding the connection",
-                        exc_info=True,
-                        extra=self._log_fields("rollback_failed"),
-                    )
-                    usable = False
-            if usable and self._life is not None:
-                usable = self._life.cleans_up(conn)
+        try:
+            with bound:
+                if status != _IDLE:
+                    try:
+                        conn.rollback()
+                        usable = conn.get_transaction_status() == _IDLE
+                    except Exception:
+                        _log.warning(
+                            "rollback failed on return; discarding the connection",
+                            exc_info=True,
+                            extra=self._log_fields("rollback_failed"),
+                        )
+                        usable = False
+                if usable and self._life is not None:
+                    usable = self._life.cleans_up(conn)
+        except BaseException:  # interrupted, or a bug in the reset callable: discard it
+            self._discard_returned(conn, key)
+            raise
         with self._lock:
             if not usable:
                 self._stats.returns_bad += 1
@@ -331,8 +368,10 @@ class PoolCore(forksafe.PerProcess):
         self._close(conn)
 
     def _forget(self, key: Any, conn: Connection) -> None:
-        del self._used[key]
+        # _rused first everywhere: an interrupt can only strike at a call (here id()),
+        # so the two maps never disagree (also when they are filled)
         del self._rused[id(conn)]
+        del self._used[key]
 
     def _idle_limit(self) -> int:
         """How many idle connections to keep: ``minconn``, or ``maxconn`` with ``max_idle``."""
@@ -362,14 +401,15 @@ class PoolCore(forksafe.PerProcess):
             existing = self._used.get(waiter.key)
             if existing is not None:  # its key was checked out meanwhile: same key, same conn
                 waiter.conn = existing
+                waiter.joined = True
                 waiter.wake()
                 continue
             if conn is None:
                 self._connecting += 1
                 waiter.may_connect = True
             else:
-                self._used[waiter.key] = conn
                 self._rused[id(conn)] = waiter.key
+                self._used[waiter.key] = conn
                 waiter.conn = conn
             waiter.wake()
             return True

@@ -24,11 +24,12 @@ Connection = extensions.connection
 class Waiter:
     """A caller blocked in ``getconn`` until the pool serves it or it gives up."""
 
-    __slots__ = ("_gate", "conn", "error", "key", "may_connect", "must_check")
+    __slots__ = ("_gate", "conn", "error", "joined", "key", "may_connect", "must_check")
 
     def __init__(self, key: Any) -> None:
         self.key = key
         self.conn: Connection | None = None
+        self.joined = False  # served with the connection another caller holds for its key
         self.may_connect = False  # served with a free slot: open a connection itself
         self.error: BaseException | None = None  # served with an error (pool closed)
         self.must_check = False  # the connection handed over needs the pool's check
@@ -65,17 +66,41 @@ class WaitQueue(deque[Waiter]):
             waiter.wake()
 
 
+MAX_SECONDS = threading.TIMEOUT_MAX / 2
+"""The longest duration option: half of the longest wait a lock accepts (about 146 years
+on Linux), so that waits derived from a deadline never exceed ``threading.TIMEOUT_MAX``
+(beyond it a wait raises OverflowError) whatever the rounding of monotonic times."""
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut short (and safe for any object)."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. an int with more digits than Python will convert to str
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def validate_timeout(value: object, name: str = "timeout") -> float | None:
-    """Check a timeout option: None, or a finite number of seconds >= 0."""
+    """Check a duration option: None, or a number of seconds from 0 to ``MAX_SECONDS``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"{name} must be a number of seconds or None, got {value!r} ({type(value).__name__})"
+            f"{name} must be a number of seconds or None, got {_shown(value)} "
+            f"({type(value).__name__})"
         )
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond a float's range
+        seconds = -1.0 if isinstance(value, int) and value < 0 else MAX_SECONDS * 2
     if not (0 <= seconds < math.inf):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {_shown(value)}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be at most {MAX_SECONDS:.0f} s (half of threading.TIMEOUT_MAX, the "
+            f"longest wait this platform supports), got {_shown(value)}"
+        )
     return seconds
 
 

@@ -62,6 +62,10 @@ BAD_CONFIGURATIONS: list[tuple[Any, tuple[Any, Any], dict[str, Any], Any, str]] 
     (T, (1, 2), {"timeout": 1, "max_waiting": -3}, ValueError, "max_waiting must be >= 0"),
     (T, (1, 2), {"timeout": 1, "max_waiting": 1.5}, TypeError, "max_waiting must be an int"),
     (T, (1, 2), {"max_waiting": 4}, ValueError, "max_waiting=4 has no effect without a timeout"),
+    # durations beyond what a lock can wait for (the wait would raise OverflowError)
+    (T, (1, 2), {"timeout": 1e10}, ValueError, "timeout must be at most 4611686018 s"),
+    (T, (1, 2), {"timeout": 10**400}, ValueError, "timeout must be at most"),
+    (T, (1, 2), {"timeout": -(10**400)}, ValueError, "timeout must be a finite number"),
     (S, (1, 2), {"timeout": 1}, TypeError, "SimpleConnectionPool cannot wait"),
     (S, (1, 2), {"max_waiting": 3}, TypeError, "use ThreadedConnectionPool(..., timeout="),
     # policies
@@ -97,10 +101,27 @@ BAD_CONFIGURATIONS: list[tuple[Any, tuple[Any, Any], dict[str, Any], Any, str]] 
     (T, (1, 2), {"max_idle": 0}, ValueError, "max_idle must be > 0 seconds"),
     (T, (1, 2), {"leak_timeout": 0}, ValueError, "leak_timeout must be > 0 seconds"),
     (T, (1, 2), {"leak_timeout": True}, TypeError, "got True (bool)"),
+    (T, (1, 2), {"leak_timeout": math.nan}, ValueError, "leak_timeout must be a finite number"),
+    (T, (1, 2), {"leak_timeout": 1e300}, ValueError, "leak_timeout must be at most"),
+    (T, (1, 2), {"max_lifetime": 10**400}, ValueError, "max_lifetime must be at most"),
+    (T, (1, 2), {"max_idle": -math.inf}, ValueError, "max_idle must be a finite number"),
+    (T, (1, 2), {"max_idle": 1e12}, ValueError, "max_idle must be at most"),
+    (T, (1, 2), {"max_idle": False}, TypeError, "max_idle must be a number of seconds"),
+    (
+        T,
+        (1, 2),
+        {"check": check_connection, "check_after_idle": 1e18},
+        ValueError,
+        "check_after_idle must be at most",
+    ),
     (P, (1, 2), {"check": 1}, TypeError, "check must be a callable"),
+    (T, (1, 2), {"check": lambda: True}, TypeError, "check must accept the connection as its"),
+    (P, (1, 2), {"reset": lambda c, d: 0}, TypeError, "has the signature (c, d)"),
+    (T, (1, 2), {"configure": lambda *, conn: 0}, TypeError, "define it as configure(conn)"),
     # options libpq does not know (a misspelt pgctx option ends up there)
     (T, (1, 2), {"timout": 1}, psycopg2.ProgrammingError, 'invalid connection option "timout"'),
     (T, (1, 2), {"max_lifetim": 60}, psycopg2.ProgrammingError, '"max_lifetim"'),
+    (T, (1, 2), {"password": "s3\x00cret"}, ValueError, "the password argument contains a NUL"),
 ]
 
 
@@ -199,6 +220,18 @@ def _misuses() -> list[tuple[str, Callable[[Populated], Any], type[BaseException
         ("getconn-timeout-negative", lambda s: s.pool.getconn(timeout=-1), ValueError, "-1"),
         ("getconn-timeout-str", lambda s: s.pool.getconn(timeout="1"), TypeError, "'1' (str)"),
         ("getconn-timeout-nan", lambda s: s.pool.getconn(timeout=math.nan), ValueError, "nan"),
+        (
+            "getconn-timeout-huge",
+            lambda s: s.pool.getconn(timeout=1e10),
+            ValueError,
+            "timeout must be at most",
+        ),
+        (
+            "getconn-timeout-bigint",
+            lambda s: s.pool.getconn(timeout=10**400),
+            ValueError,
+            "timeout must be at most",
+        ),
         ("putconn-foreign", lambda s: s.pool.putconn(s.foreign), PoolError, unkeyed),
         (
             "putconn-foreign-close",

@@ -8,13 +8,17 @@ import time
 from typing import Any
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from pgctx.errors import PoolError, PoolTimeout, TooManyWaiters
 from pgctx.pool import SimpleConnectionPool, ThreadedConnectionPool
 from pgctx.poolcore import is_auto_key
 from pgctx.waiting import Waiter
+from tests.faults.proxy import FaultProxy
 from tests.helpers import backends, unique_app, wait_backends, wait_until
+
+GENEROUS = 15.0  # seconds: an upper bound that is never reached when things work
 
 
 @pytest.fixture
@@ -416,3 +420,46 @@ def test_a_caller_whose_deadline_passed_gets_pool_timeout(dsn: str, app: str) ->
         pool.putconn(held)
     finally:
         pool.closeall()
+
+
+class _SignallingConnection(psycopg2.extensions.connection):
+    """Sets ``rolling_back`` when the pool starts its rollback on return."""
+
+    rolling_back = threading.Event()
+
+    def rollback(self) -> None:
+        type(self).rolling_back.set()
+        super().rollback()
+
+
+def test_a_slow_rollback_on_return_holds_up_no_other_caller(dsn: str, app: str) -> None:
+    """The rollback on return used to run with the pool's lock held: while one server
+    round trip was pending, every other getconn and putconn waited (for ever when the
+    server stopped answering and no timeout was set)."""
+    _SignallingConnection.rolling_back.clear()
+    with FaultProxy(dsn) as proxy:
+        pool = ThreadedConnectionPool(
+            2, 2, proxy.dsn, application_name=app, connection_factory=_SignallingConnection
+        )
+        try:
+            dirty, idle = pool.getconn(), pool.getconn()
+            with dirty.cursor() as cur:
+                cur.execute("SELECT 1")  # an open transaction: putconn rolls it back
+            pool.putconn(idle)
+            proxy.set_mode("stop_relaying")  # the rollback now waits for the server
+            returner = threading.Thread(target=pool.putconn, args=(dirty,), daemon=True)
+            returner.start()
+            assert _SignallingConnection.rolling_back.wait(GENEROUS)
+            got: list[Any] = []
+            taker = threading.Thread(target=lambda: got.append(pool.getconn()), daemon=True)
+            taker.start()
+            taker.join(GENEROUS)  # never reached when the rollback holds no lock
+            finished = got == [idle]
+            proxy.set_mode("relay")
+            returner.join(GENEROUS)
+            taker.join(GENEROUS)
+            assert finished, "getconn waited for another connection's rollback"
+            assert not returner.is_alive() and list(pool._used.values()) == [idle]
+        finally:
+            proxy.set_mode("relay")
+            pool.closeall()

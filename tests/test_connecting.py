@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psycopg2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgctx.connecting import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
+    LIBPQ_INT_MAX,
     Backoff,
     ConnectParams,
     check_connect_arguments,
 )
 from pgctx.pool import ThreadedConnectionPool
-from tests.helpers import unique_app
+from pgctx.waiting import MAX_SECONDS
+from tests.helpers import unique_app, wait_backends
 
 
 def test_defaults_fill_only_what_the_user_left_unset() -> None:
@@ -70,3 +75,33 @@ def test_backoff_grows_and_respects_the_deadline(monkeypatch: pytest.MonkeyPatch
     assert pauses[3] > pauses[0]
     assert max(pauses) <= BACKOFF_MAX * 1.5
     assert not Backoff().pause(time.monotonic() - 1)  # no time left: no pause
+
+
+@settings(max_examples=200, deadline=None)
+@given(timeout=st.floats(0, MAX_SECONDS) | st.sampled_from([24.9 * 86400, 30 * 86400, MAX_SECONDS]))
+def test_derived_options_stay_within_what_libpq_accepts(timeout: float) -> None:
+    """libpq reads integer options into a C int: a derived value beyond it fails every connect."""
+    params = ConnectParams(("host=db",), {}, timeout)
+    for deadline in (None, time.monotonic() + timeout):
+        kwargs = params.for_deadline(deadline)
+        assert 5000 <= kwargs["tcp_user_timeout"] <= LIBPQ_INT_MAX
+        if deadline is not None:
+            assert 2 <= kwargs["connect_timeout"] <= LIBPQ_INT_MAX
+
+
+@pytest.mark.parametrize("timeout", [24.9 * 86400, 30 * 86400, 10**9, MAX_SECONDS])
+def test_a_pool_with_a_very_long_timeout_connects(dsn: str, pg_admin: Any, timeout: float) -> None:
+    """Before, the derived tcp_user_timeout overflowed: the constructor failed with a
+    puzzling libpq error, and with minconn=0 every getconn retried until its deadline."""
+    app = unique_app()
+    pool = ThreadedConnectionPool(1, 2, dsn, application_name=app, timeout=timeout)
+    try:
+        conn = pool.getconn(timeout=5)
+        other = pool.getconn(timeout=5)  # a new connect, bounded by the caller's 5 s
+        for c in (conn, other):
+            assert int(c.get_dsn_parameters()["tcp_user_timeout"]) <= LIBPQ_INT_MAX
+        pool.putconn(conn)
+        pool.putconn(other)
+        assert wait_backends(pg_admin, app, 1) == 1  # minconn=1: the other one was closed
+    finally:
+        pool.closeall()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
 
 import psycopg2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pgctx.health import check_connection, reset_session
 from pgctx.pool import ThreadedConnectionPool
@@ -182,7 +185,7 @@ def test_reset_discards_session_state_between_borrowers(dsn: str, app: str) -> N
 
 def test_a_failing_reset_discards_the_connection(dsn: str, app: str) -> None:
     def broken_reset(conn: Any) -> None:
-        raise RuntimeError("reset failed")
+        raise psycopg2.OperationalError("reset failed")
 
     pool = make(dsn, app, 1, 1, reset=broken_reset)
     try:
@@ -229,6 +232,125 @@ def test_a_failing_configure_discards_the_connection_and_raises(
         assert pool.get_stats()["connections_errors"] == 1
     finally:
         pool.closeall()
+
+
+# -- a bug in a hook callable is not a failing connection ---------------------------------
+
+BUGS = st.sampled_from([NameError, TypeError, AttributeError, KeyError, ValueError, RuntimeError])
+
+
+def pgctx_notes(exc: BaseException) -> list[str]:
+    return [n for n in getattr(exc, "__notes__", []) if n.startswith("pgctx:")]
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(bug=BUGS, waiting=st.booleans())
+def test_a_bug_in_check_is_raised_and_the_connection_put_back(
+    dsn: str, pg_admin: Any, bug: type[Exception], waiting: bool
+) -> None:
+    """Before, a typo in the check (a NameError) counted as a failed check: every
+    checkout discarded a healthy connection and reconnected, logged at INFO only."""
+    app = unique_app("lifecycle")
+
+    def buggy_check(conn: Any) -> None:
+        check_connection(conn)  # the connection is fine; the callable is not
+        raise bug("a bug in the check")
+
+    pool = make(dsn, app, 1, 1, check=buggy_check, **({"timeout": 10} if waiting else {}))
+    try:
+        idle = pool._pool[0]
+        before = pool.get_stats()
+        with pytest.raises(bug) as info:
+            pool.getconn()
+        assert any("pool's check callable" in n for n in pgctx_notes(info.value))
+        assert pool._pool == [idle] and not idle.closed and pool._used == {}
+        stats = pool.get_stats()
+        assert stats["connections_lost"] == before["connections_lost"] == 0
+        assert stats["connections_num"] == before["connections_num"]  # no reconnect
+        assert wait_backends(pg_admin, app, 1) == 1
+    finally:
+        pool.closeall()
+
+
+def test_a_check_that_breaks_the_connection_fails_it_whatever_it_raises(dsn: str, app: str) -> None:
+    def closing_check(conn: Any) -> None:
+        conn.close()
+        raise RuntimeError("gave up on it")
+
+    calls: list[int] = []
+
+    def check(conn: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            closing_check(conn)
+
+    pool = make(dsn, app, 1, 1, check=check)
+    try:
+        first = pool._pool[0]
+        conn = pool.getconn()  # the first failed its check; a new one was opened
+        assert conn is not first and first.closed
+        assert pool.get_stats()["connections_lost"] == 1
+        pool.putconn(conn)
+    finally:
+        pool.closeall()
+
+
+@pytest.mark.parametrize("bug", [NameError, TypeError, AttributeError])
+def test_a_bug_in_reset_is_raised_and_the_connection_closed(
+    dsn: str, app: str, pg_admin: Any, bug: type[Exception]
+) -> None:
+    """A reset that did not run leaves session state: the connection is closed, its slot
+    freed, and the bug reaches the caller of putconn (before: a WARNING, every return)."""
+
+    def buggy_reset(conn: Any) -> None:
+        raise bug("a bug in the reset")
+
+    pool = make(dsn, app, 1, 1, reset=buggy_reset)
+    try:
+        conn = pool.getconn()
+        with pytest.raises(bug) as info:
+            pool.putconn(conn)
+        assert any("pool's reset callable" in n for n in pgctx_notes(info.value))
+        assert conn.closed and pool._used == {} and pool._connecting == 0
+        assert pool.get_stats()["returns_bad"] == 1
+        assert wait_backends(pg_admin, app, 0) == 0
+        assert pool.getconn() is not conn  # the slot was freed
+    finally:
+        pool.closeall()
+
+
+def test_a_bug_in_configure_is_raised_with_a_note_and_logged_as_an_error_by_the_refill(
+    dsn: str, app: str, pg_admin: Any, caplog: Any
+) -> None:
+    broken = [False]
+
+    def configure(conn: Any) -> None:
+        if broken[0]:
+            conn.autocommitt = True  # a typo: AttributeError
+
+    pool = make(dsn, app, 1, 2, configure=configure, max_idle=0.2, timeout=5)
+    try:
+        broken[0] = True
+        held = pool.getconn()
+        with pytest.raises(AttributeError) as info:
+            pool.getconn()  # needs a new connection
+        assert any("pool's configure callable" in n for n in pgctx_notes(info.value))
+        assert pool._connecting == 0 and wait_backends(pg_admin, app, 1) == 1
+        caplog.set_level(logging.INFO, logger="pgctx")
+        pool.putconn(held, close=True)  # the maintenance thread refills to minconn=1
+        assert wait_until(lambda: any(r.pgctx_event == "refill_failed" for r in caplog.records))
+        record = next(r for r in caplog.records if r.pgctx_event == "refill_failed")
+        assert record.levelno == logging.ERROR  # a bug, not a server that is down
+        broken[0] = False
+        assert wait_until(lambda: len(pool._pool) == 1)
+    finally:
+        pool.closeall()
+    with pytest.raises(AttributeError) as info:
+        make(dsn, app, 1, 1, configure=lambda conn: conn.autocommitt)
+    assert any("pool's configure callable" in n for n in pgctx_notes(info.value))
+    assert wait_backends(pg_admin, app, 0) == 0
 
 
 # -- leak reports --------------------------------------------------------------------------
@@ -285,6 +407,10 @@ def test_leak_tracking_holds_no_reference_to_the_connection(dsn: str, app: str) 
         ({"max_idle": -1}, ValueError, "max_idle must be a finite number"),
         ({"leak_timeout": "5"}, TypeError, "leak_timeout must be a number"),
         ({"check_after_idle": 5}, ValueError, "check_after_idle has no effect without check"),
+        ({"check": lambda: None}, TypeError, "check must accept the connection as its one"),
+        ({"check": lambda conn, extra: None}, TypeError, r"signature \(conn, extra\)"),
+        ({"reset": lambda *, conn: None}, TypeError, "reset must accept the connection"),
+        ({"configure": dict.get}, TypeError, "configure must accept the connection"),
     ],
 )
 def test_bad_policy_options_are_refused_before_connecting(
@@ -333,7 +459,7 @@ def test_policies_under_thread_stress(dsn: str, app: str, pg_admin: Any) -> None
 
 def test_log_records_carry_event_and_pool_fields(dsn: str, app: str, caplog: Any) -> None:
     def broken_reset(conn: Any) -> None:
-        raise RuntimeError("reset failed")
+        raise psycopg2.OperationalError("reset failed")
 
     caplog.set_level(logging.INFO, logger="pgctx")
     pool = make(dsn + " password=s3cret", app, 1, 1, reset=broken_reset)
@@ -345,3 +471,20 @@ def test_log_records_carry_event_and_pool_fields(dsn: str, app: str, caplog: Any
         assert "ThreadedConnectionPool" in label and app in label and "s3cret" not in label
     finally:
         pool.closeall()
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        lambda conn: None,
+        lambda *args: None,
+        lambda conn, *, retries=3: None,
+        functools.partial(lambda label, conn: None, "label"),
+        print,  # a builtin whose signature may not be inspectable: accepted
+        type("Callable", (), {"__call__": lambda self, conn: None})(),
+    ],
+)
+def test_hooks_that_accept_one_positional_argument_are_accepted(
+    dsn: str, app: str, hook: Any
+) -> None:
+    make(dsn, app, 0, 1, check=hook, reset=hook, configure=hook).closeall()

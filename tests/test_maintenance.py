@@ -4,6 +4,7 @@ ends with its pool."""
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from typing import Any
 
@@ -158,6 +159,34 @@ def test_a_failing_maintenance_round_does_not_kill_the_thread() -> None:
         assert wait_until(lambda: len(calls) >= 3)
     finally:
         maintenance.stop()
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_base_exception_from_a_round_is_logged_and_the_thread_goes_on(
+    error: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook (configure, a connect wrapper) may raise a BaseException in the refill:
+    before, it ended the thread, and the pool silently stopped refilling and recycling."""
+    calls: list[int] = []
+
+    class Interrupted:
+        closed = False
+
+        def _maintain(self) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise error("from a hook")
+
+    interrupted = Interrupted()
+    with caplog.at_level(logging.ERROR, logger="pgctx"):
+        maintenance = Maintenance(interrupted, 0.01)
+        maintenance.start()
+        try:
+            assert wait_until(lambda: len(calls) >= 3)
+            assert maintenance._thread.is_alive()
+        finally:
+            maintenance.stop()
+    assert any(r.exc_info and r.exc_info[0] is error for r in caplog.records)
 
 
 def test_pools_without_timed_options_start_no_thread(dsn: str) -> None:
