@@ -10,7 +10,8 @@ would be returned until timeouts fire. So:
   wait, the task takes its place in the pool's queue (first come, first served) with
   a waiter that wakes the loop: no thread per waiter. Only what does I/O (connecting,
   a ``check``) runs in a thread, in pgctx's own small executor;
-- psycopg2's own pools never wait: they are called on the loop;
+- psycopg2's own pools never wait, and a ``PersistentConnectionPool`` keys its
+  connections by thread: they are called on the loop;
 - any other pool (or a pgctx pool subclass that overrides the checkout methods) runs
   ``getconn`` in pgctx's own executor.
 
@@ -30,7 +31,7 @@ from typing import Any
 
 import psycopg2.pool
 
-from pgctx import basepool, poolcore
+from pgctx import basepool, persistent, poolcore
 from pgctx.waiting import Waiter
 
 __all__ = ["getconn_async"]
@@ -53,7 +54,9 @@ _OWN_CHECKOUT = {  # the methods psycopg2 routes getconn through (subclasses ove
 def _kind(cls: type) -> str:
     kind = _kinds.get(cls)
     if kind is None:
-        if issubclass(cls, _Base):
+        if issubclass(cls, persistent.PersistentConnectionPool):
+            kind = _DIRECT  # one connection per thread: it must be asked from the loop's own
+        elif issubclass(cls, _Base):
             getconn = cls.getconn
             own = getattr(getconn, "__module__", None) in ("pgctx.basepool", "pgctx.pool")
             same = all(getattr(cls, n, None) is f for n, f in _OWN_CHECKOUT.items())

@@ -463,6 +463,14 @@ def in_scope(pool: Any = None, key: Any = None) -> bool:
 
 def _after_fork_in_child() -> None:
     Binding.lock = threading.RLock()  # another thread may have held it during the fork
+    # The forking thread's context still shows the parent's blocks, whose connections
+    # the child's pools have disowned: hide them, and mark them released so that the
+    # inherited blocks' exits end nothing (the unit of work is the parent's).
+    for value in _bindings.get().values():
+        while isinstance(value, Handle):
+            value.binding.released = True
+            value = value.parent
+    _bindings.set(MappingProxyType({}))
 
 
 if hasattr(os, "register_at_fork"):

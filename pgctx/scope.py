@@ -276,6 +276,8 @@ class ConnectionScope:
             self._new = None
         if self._handle is not None:
             self._handle.active = False
+        if binding.released:  # only a forked child's inherited block (see registry)
+            return
         opener = self._role == _OPENER
         with binding.lock:
             owners = binding.owners

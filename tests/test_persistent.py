@@ -174,3 +174,22 @@ def test_thread_stress_one_connection_per_thread(dsn: str, app: str, pg_admin: A
     assert len(pool._used) == 0 and len(pool._pool) <= 2
     pool.closeall()
     assert wait_backends(pg_admin, app, 0) == 0
+
+
+def test_an_async_block_on_a_persistent_pool_gives_its_connection_back(dsn: str) -> None:
+    """The pool keys connections by thread: the checkout must happen on the loop's
+    thread, where the block also returns it (not in an executor thread)."""
+    import asyncio
+
+    pool = PersistentConnectionPool(1, 2, dsn, application_name=unique_app("persist"))
+
+    async def main() -> None:
+        async with pool.connection() as conn:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+
+    try:
+        asyncio.run(main())
+        assert not pool._used
+    finally:
+        pool.closeall()

@@ -596,3 +596,45 @@ def test_a_persistent_pools_thread_end_in_a_c_forked_child(
     finally:
         pool.closeall()
     assert wait_backends(pg_admin, app, 0) == 0
+
+
+def test_a_child_forked_inside_a_block_never_sees_the_parents_binding(
+    pool: ThreadedConnectionPool, pg_admin: Any, table: str
+) -> None:
+    """The forking thread's context still held the parent's block: the child must not
+    join it (its connection belongs to the parent), and the inherited block's exit in the
+    child (a clean one, which would commit) must end nothing of the parent's unit."""
+    r, w = os.pipe()
+    pid = -1
+    with pool.connection() as conn:
+        with conn.cursor() as cur:
+            cur.execute(f"INSERT INTO {table} VALUES (1)")
+        parent_pid = backend_pid(conn)
+        pid = os.fork()
+        if pid == 0:  # the child: report what it saw, then leave the inherited block
+            try:
+                pgctx.current_connection(pool)
+                report = "current_connection saw the parent's binding"
+            except pgctx.NoActiveConnection:
+                with pool.connection() as own:
+                    same = backend_pid(own) == parent_pid
+                report = "joined the parent's connection" if same else "ok"
+            except BaseException as exc:
+                report = repr(exc)
+        else:
+            _, status = os.waitpid(pid, 0)  # the child has left the block meanwhile
+            with conn.cursor() as cur:  # the parent's session and unit are intact
+                cur.execute(f"INSERT INTO {table} VALUES (2)")
+    if pid == 0:
+        try:
+            os.write(w, report.encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(w)
+    seen = os.read(r, 1000).decode()
+    os.close(r)
+    assert seen == "ok", seen
+    assert os.waitstatus_to_exitcode(status) == 0
+    with pg_admin.cursor() as cur:
+        cur.execute(f"SELECT x FROM {table} ORDER BY x")
+        assert [row[0] for row in cur.fetchall()] == [1, 2]
