@@ -88,6 +88,7 @@ class Where:
     own_key: Any = _ANY  # dropped generator body: only blocks of this key or separate
     gather_ok: bool = True
     bound: frozenset[Any] = frozenset()  # keys that blocks around here (probably) bound
+    guarded: bool = False  # a try (or a gather or late) catches what is raised here
 
     def binding(self, key: Any) -> Where:
         return replace(self, bound=self.bound | {key})
@@ -142,21 +143,24 @@ def _kinds(w: Where) -> list[str]:
     # Outside any block these only raise NoActiveConnection: build them less there.
     bound = bool(w.bound)
     uses = 4 if bound else int(w.depth > 0)  # never a lone NoActiveConnection program
-    kinds = ["insert"] * uses + ["current"] * (uses // 2 or int(w.depth > 0)) + ["raise"]
-    kinds += ["dup"] * bound
+    kinds = ["insert"] * uses + ["current"] * (uses // 2 or int(w.depth > 0))
+    # Failures mostly where something catches them: uncaught, they end the program.
+    fails = 2 * w.guarded
+    kinds += ["raise"] * (fails + 1) + ["dup"] * (fails * bound)
     if f.iface and bound:
-        kinds += ["iface"] * 2
+        kinds += ["iface"] * fails
     if w.gen is not None:
-        kinds += ["yield"] * 4
+        kinds += ["yield"] * 4 + ["across_yield"] * 2
     if w.consumer:
-        kinds += ["next"] * 3
+        kinds += ["next"] * 3 + ["step_inside"] * 2
     if w.pause is not None:
         kinds += ["pause"] * 3
     if w.late:
         kinds += ["spawn"] * 2
     if w.depth >= MAX_DEPTH:
         return kinds
-    kinds += ["block"] * (4 if bound else 8) + ["try"] * 2 + ["savepoint", "guard"] * (2 * bound)
+    kinds += ["block"] * (4 if bound else 8) + ["try"] * (1 if w.guarded else 3)
+    kinds += ["savepoint", "guard", "failed_join"] * (2 * bound)
     if not free:
         return kinds
     kinds += ["call", "ctx_thread", "late"]
@@ -172,10 +176,15 @@ def _kinds(w: Where) -> list[str]:
 
 
 def _used_key(draw: Any, w: Where) -> Any:
-    """A key for current_connection() and savepoint(): mostly one bound around here."""
-    if w.bound and draw(st.integers(0, 9)) < 8:
-        return draw(st.sampled_from(sorted(w.bound, key=str)))
-    return draw(st.sampled_from(KEYS))
+    """A key for current_connection() and savepoint(): mostly one bound around here.
+
+    Both draws happen whatever ``w`` is, so that shrinking an enclosing statement away
+    leaves this one's choices meaning the same.
+    """
+    key, stray = draw(st.sampled_from(KEYS)), draw(st.integers(0, 9)) >= 8
+    if key in w.bound or not w.bound or stray:
+        return key
+    return sorted(w.bound, key=str)[0]
 
 
 def _key(draw: Any, w: Where) -> tuple[Any, bool]:
@@ -186,7 +195,7 @@ def _key(draw: Any, w: Where) -> tuple[Any, bool]:
 
 
 def _body(draw: Any, w: Where, min_size: int = 0) -> list[Node]:
-    size = 3 if w.depth <= 2 else 2
+    size = 4 if w.depth <= 1 else 3 if w.depth <= 2 else 2
     return draw(st.lists(statement(w), min_size=min_size, max_size=size))
 
 
@@ -197,21 +206,43 @@ def statement(draw: Any, w: Where) -> Node:
         return Node(kind, key=_used_key(draw, w))
     if kind in ("raise", "yield", "next", "pause"):
         return Node(kind)
+    if kind == "across_yield":  # a generator's own block stays open while it is suspended
+        key, separate = _key(draw, w)
+        if w.own_key is _ANY:
+            separate = draw(st.booleans())
+        inner = w.inner().binding(key)
+        body = [*_body(draw, inner), Node("yield"), *_body(draw, inner, 1)]
+        return Node("block", key=key, separate=separate, body=body)
+    if kind == "step_inside":  # the generator's next step runs inside a newer block
+        key, separate = _key(draw, w)
+        rest = _body(draw, w.inner().binding(key))
+        return Node("block", key=key, separate=separate, body=[Node("next"), *rest])
     if kind == "try":
-        return Node(kind, body=_body(draw, w.inner(), 1))
+        return Node(kind, body=_body(draw, replace(w.inner(), guarded=True), 1))
     if kind == "block":
         key, separate = _key(draw, w)
         aio = w.aio and draw(st.booleans())
         body = _body(draw, w.inner().binding(key))
         return Node(kind, key=key, separate=separate, aio=aio, body=body)
-    if kind in ("savepoint", "guard"):  # never a yield inside: the consumer would run inside
+    if kind == "savepoint":  # never a yield inside: the consumer would run inside it
         body = _body(draw, replace(w.inner(), gen=None), 1)
-        sp = Node("savepoint", key=_used_key(draw, w), body=body)
-        return sp if kind == "savepoint" else Node("try", body=[sp])  # the documented idiom
+        return Node(kind, key=_used_key(draw, w), body=body)
+    if kind == "failed_join":  # try: with the same connection (joined): ...; risky()
+        key = _used_key(draw, w)
+        body = _body(draw, w.inner().binding(key))
+        body.append(Node(_risky(draw, w), key=key))
+        return Node("try", body=[Node("block", key=key, body=body)])
+    if kind == "guard":  # the documented idiom: try: with savepoint(): ...; risky()
+        key = _used_key(draw, w)
+        body = [Node("insert", key=key), *_body(draw, replace(w.inner(), gen=None).binding(key))]
+        body.append(Node(_risky(draw, w), key=key))
+        return Node("try", body=[Node("savepoint", key=key, body=body)])
     if kind == "call":
         key, separate = _key(draw, w)
         aio = w.aio and draw(st.booleans())
-        inner = replace(w.inner(), gen=None, consumer=False, late=False) if aio else w.sync_function()
+        inner = (
+            replace(w.inner(), gen=None, consumer=False, late=False) if aio else w.sync_function()
+        )
         return Node(kind, key=key, separate=separate, aio=aio, body=_body(draw, inner.binding(key)))
     if kind == "use_gen":
         return _use_gen(draw, w)
@@ -231,8 +262,11 @@ def statement(draw: Any, w: Where) -> Node:
             inner = (
                 w.thread("thread")
                 if thread
-                else replace(w.inner(), gen=None, consumer=False, late=False, pause="task", gather_ok=False)
+                else replace(
+                    w.inner(), gen=None, consumer=False, late=False, pause="task", gather_ok=False
+                )
             )
+            inner = replace(inner, guarded=True)  # gather(return_exceptions=True)
             children.append(Node("child", aio=not thread, body=_body(draw, inner, 1)))
         return Node(kind, body=children)
     if kind == "late":
@@ -244,12 +278,18 @@ def statement(draw: Any, w: Where) -> Node:
         if aio
         else w.thread(None)
     )
-    return Node(kind, aio=aio, body=_body(draw, inner, 1))
+    return Node(kind, aio=aio, body=_body(draw, replace(inner, guarded=True), 1))
+
+
+def _risky(draw: Any, w: Where) -> str:
+    return draw(
+        st.sampled_from(["raise", "dup", "iface"] if w.features.iface else ["raise", "dup"])
+    )
 
 
 def _use_gen(draw: Any, w: Where) -> Node:
     aio = w.aio and draw(st.booleans())
-    ends = ["exhaust", "close"]
+    ends = ["exhaust", "exhaust", "close"]
     if w.features.drops and not aio:  # an async generator's finaliser runs when the loop says
         ends.append("drop")
     end = draw(st.sampled_from(ends))
@@ -271,13 +311,15 @@ def _use_gen(draw: Any, w: Where) -> Node:
     )
     body = _body(draw, body_where.binding(key), 1)
     consumer = _body(draw, replace(w.inner(), consumer=True, gen=None))
-    return Node("use_gen", key=key, separate=separate, aio=aio, body=body, consumer=consumer, end=end)
+    return Node(
+        "use_gen", key=key, separate=separate, aio=aio, body=body, consumer=consumer, end=end
+    )
 
 
 @st.composite
 def programs(draw: Any, features: Features) -> Program:
     aio = draw(st.booleans())
-    program = Program(aio, draw(st.lists(statement(Where(features, aio)), min_size=1, max_size=4)))
+    program = Program(aio, draw(st.lists(statement(Where(features, aio)), min_size=1, max_size=5)))
     number(program)
     return program
 

@@ -1,4 +1,4 @@
-"""A model-based test of the scope layer (blocks, registry, decorators, savepoints) on a real server.
+"""A model-based test of the scope layer (blocks, registry, decorators, savepoints).
 
 hypothesis builds random programs (tests/scope_programs.py): nested blocks with keys and
 ``separate=True``, decorated functions, coroutines, generators and async generators
@@ -66,11 +66,15 @@ class World:
         self.fresh_pool()
 
     def fresh_pool(self) -> None:
-        """A new pool: after a failure the old one may hold leaked connections."""
+        """A new pool: after a failure the old one may hold leaked connections.
+
+        minconn=10 keeps that many idle connections open between programs (a pool closes
+        returned connections beyond minconn, like psycopg2's).
+        """
         if self.pool is not None and not self.pool.closed:
             self.pool.closeall()
         self.pool = pgctx.ThreadedConnectionPool(
-            0, 30, self.dsn, timeout=10, application_name=self.app
+            10, 30, self.dsn, timeout=10, application_name=self.app
         )
 
     def sql(self, query: str, *args: Any) -> list[Any]:
@@ -112,7 +116,7 @@ def world(dsn: str, pg_admin: Any, table: str, executor: ThreadPoolExecutor) -> 
 
 
 def _first_difference(expected: list[Any], actual: list[Any]) -> str:
-    for i, (want, got) in enumerate(zip(expected, actual)):
+    for i, (want, got) in enumerate(zip(expected, actual, strict=False)):
         if want != got:
             return f"event {i}: the model says {want}, the run did {got}"
     if len(expected) != len(actual):
@@ -133,14 +137,18 @@ def run_one(world: World, program: Program, gc_mode: bool) -> None:
     world.sql(f"INSERT INTO {world.table} VALUES (%s)", base)
     runner = Runner(world.pool, world.table, base, world.executor, cyclic_drops=gc_mode)
     threshold = gc.get_threshold()
-    if gc_mode:
-        gc.set_threshold(50)
+    gc.freeze()  # what exists now is never collected: keeps collections cheap and on topic
     try:
-        actual = runner.run(program)
+        if gc_mode:
+            gc.set_threshold(50)
+        try:
+            actual = runner.run(program)
+        finally:
+            gc.set_threshold(*threshold)
+        if gc_mode or any(n.end == "drop" for n in walk(program.body)):
+            gc.collect()  # abandoned generators give their connection back when collected
     finally:
-        gc.set_threshold(*threshold)
-    if gc_mode or any(n.end == "drop" for n in walk(program.body)):
-        gc.collect()  # abandoned generators give their connection back when collected
+        gc.unfreeze()
     problems = world.leftovers()
     query = f"SELECT x - %s FROM {world.table} WHERE x > %s AND x < %s"
     rows = {x for (x,) in world.sql(query, base, base, base + 1000)}
@@ -163,14 +171,40 @@ def run_one(world: World, program: Program, gc_mode: bool) -> None:
         )
 
 
+# Defects of today's code that the variants find (each variant is a strict=False xfail
+# until its fixes land; the shrunk programs are in the module docstring).
+GENERATOR_DEFECT = (
+    "decorated generators lose their own blocks after a yield, see the consumer's later "
+    "blocks, and hide their blocks from threads and tasks they hand off to"
+)
+GATHER_DEFECT = (
+    "concurrent gather children are not refused on current_connection(), and a child's "
+    "hold ends with its block instead of when the child is done"
+)
+SAVEPOINT_DEFECT = "a savepoint left by an InterfaceError without SQLSTATE is not rolled back"
+EVERYTHING = Features(generators=True, drops=True, gather=True, iface=True)
+
+
+def _known(*defects: str) -> Any:
+    return pytest.mark.xfail(strict=False, reason="; ".join(defects))
+
+
 VARIANTS = [
     pytest.param(Features(), False, id="core"),
-    pytest.param(Features(generators=True), False, id="generators"),
-    pytest.param(Features(gather=True), False, id="gather"),
-    pytest.param(Features(iface=True), False, id="interface-error"),
-    pytest.param(Features(generators=True, drops=True, gather=True, iface=True), False, id="all"),
+    pytest.param(Features(generators=True), False, id="generators", marks=_known(GENERATOR_DEFECT)),
+    pytest.param(Features(gather=True), False, id="gather", marks=_known(GATHER_DEFECT)),
+    pytest.param(Features(iface=True), False, id="interface-error", marks=_known(SAVEPOINT_DEFECT)),
     pytest.param(
-        Features(generators=True, drops=True, gather=True, iface=True), True, id="all-low-gc"
+        EVERYTHING,
+        False,
+        id="all",
+        marks=_known(GENERATOR_DEFECT, GATHER_DEFECT, SAVEPOINT_DEFECT),
+    ),
+    pytest.param(
+        EVERYTHING,
+        True,  # gc.set_threshold(50), abandoned generators left in reference cycles
+        id="all-low-gc",
+        marks=_known(GENERATOR_DEFECT, GATHER_DEFECT, SAVEPOINT_DEFECT),
     ),
 ]
 
@@ -182,6 +216,7 @@ def test_programs_match_the_model(world: World, features: Features, gc_mode: boo
         max_examples=EXAMPLES,
         deadline=None,
         print_blob=True,
+        database=None,  # the variants share one test function: keep their examples apart
         suppress_health_check=[
             HealthCheck.too_slow,
             HealthCheck.filter_too_much,
