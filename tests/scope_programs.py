@@ -171,7 +171,7 @@ def _kinds(w: Where) -> list[str]:
     if w.aio:
         kinds += ["to_thread", "await_task"]
         if f.gather and w.gather_ok and w.gen is None and w.depth <= 2:
-            kinds += ["gather"] * 2
+            kinds += ["gather"] * (4 * bound)  # children that meet on their parent's connection
     return kinds
 
 
@@ -256,18 +256,7 @@ def statement(draw: Any, w: Where) -> Node:
     if kind == "submit":  # an executor job sees no binding
         return Node(kind, body=_body(draw, replace(w.thread(None), bound=frozenset()), 1))
     if kind == "gather":
-        children = []
-        for _ in range(draw(st.integers(2, 3))):
-            thread = draw(st.booleans())
-            inner = (
-                w.thread("thread")
-                if thread
-                else replace(
-                    w.inner(), gen=None, consumer=False, late=False, pause="task", gather_ok=False
-                )
-            )
-            inner = replace(inner, guarded=True)  # gather(return_exceptions=True)
-            children.append(Node("child", aio=not thread, body=_body(draw, inner, 1)))
+        children = [_child(draw, w, draw(st.booleans())) for _ in range(draw(st.integers(2, 3)))]
         return Node(kind, body=children)
     if kind == "late":
         return Node(kind, body=_body(draw, replace(w.inner(), late=True, gen=None), 1))
@@ -279,6 +268,29 @@ def statement(draw: Any, w: Where) -> Node:
         else w.thread(None)
     )
     return Node(kind, aio=aio, body=_body(draw, replace(inner, guarded=True), 1))
+
+
+def _child(draw: Any, w: Where, thread: bool) -> Node:
+    """A gather child; it mostly starts by using a binding of its parent, or by holding
+    a block open across its pause, so that siblings meet on one connection."""
+    if thread:
+        inner = w.thread("thread")
+    else:
+        inner = replace(
+            w.inner(), gen=None, consumer=False, late=False, pause="task", gather_ok=False
+        )
+    inner = replace(inner, guarded=True)  # gather(return_exceptions=True)
+    lead = draw(st.sampled_from(["use", "hold", "none"]))
+    key = _used_key(draw, inner)
+    body: list[Node] = []
+    if lead == "use":
+        body.append(Node(draw(st.sampled_from(["insert", "current"])), key=key))
+    elif lead == "hold":
+        held = inner.inner().binding(key)
+        block = [*_body(draw, held), Node("pause"), *_body(draw, held)]
+        body.append(Node("block", key=key, separate=draw(st.booleans()), body=block))
+    body += _body(draw, inner, 0 if body else 1)
+    return Node("child", aio=not thread, body=body)
 
 
 def _risky(draw: Any, w: Where) -> str:
@@ -318,7 +330,7 @@ def _use_gen(draw: Any, w: Where) -> Node:
 
 @st.composite
 def programs(draw: Any, features: Features) -> Program:
-    aio = draw(st.booleans())
+    aio = draw(st.sampled_from([True, True, False] if features.gather else [True, False]))
     program = Program(aio, draw(st.lists(statement(Where(features, aio)), min_size=1, max_size=5)))
     number(program)
     return program
