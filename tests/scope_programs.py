@@ -163,7 +163,7 @@ def _kinds(w: Where) -> list[str]:
     kinds += ["savepoint", "guard", "failed_join"] * (2 * bound)
     if not free:
         return kinds
-    kinds += ["call", "ctx_thread", "late"]
+    kinds += ["call"] * 3 + ["ctx_thread", "late"]
     if w.depth <= 1:
         kinds.append("submit")
     if f.generators and w.gen is None and not w.consumer:
