@@ -201,7 +201,10 @@ def _body(draw: Any, w: Where, min_size: int = 0) -> list[Node]:
 
 @st.composite
 def statement(draw: Any, w: Where) -> Node:
-    kind = draw(st.sampled_from(_kinds(w)))
+    return _build(draw, w, draw(st.sampled_from(_kinds(w))))
+
+
+def _build(draw: Any, w: Where, kind: str) -> Node:
     if kind in ("insert", "current", "dup", "iface"):
         return Node(kind, key=_used_key(draw, w))
     if kind in ("raise", "yield", "next", "pause"):
@@ -331,7 +334,22 @@ def _use_gen(draw: Any, w: Where) -> Node:
 @st.composite
 def programs(draw: Any, features: Features) -> Program:
     aio = draw(st.sampled_from([True, True, False] if features.gather else [True, False]))
-    program = Program(aio, draw(st.lists(statement(Where(features, aio)), min_size=1, max_size=5)))
+    body = draw(st.lists(statement(Where(features, aio)), min_size=1, max_size=5))
+    featured = [
+        kind
+        for kind, on in (
+            ("use_gen", features.generators),
+            ("gather", features.gather and aio),
+            ("guard", features.iface),
+        )
+        if on
+    ]
+    if featured:  # every program of a variant has its variant's construct, in a block
+        key = draw(st.sampled_from(KEYS))
+        inner = Where(features, aio, depth=1, bound=frozenset([key]))
+        node = _build(draw, inner, draw(st.sampled_from(featured)))
+        body.insert(draw(st.integers(0, len(body))), Node("block", key=key, body=[node]))
+    program = Program(aio, body)
     number(program)
     return program
 
