@@ -163,13 +163,15 @@ def _kinds(w: Where) -> list[str]:
     kinds += ["savepoint", "guard", "failed_join"] * (2 * bound)
     if not free:
         return kinds
-    kinds += ["call"] * 3 + ["ctx_thread", "late"]
+    # Hand-offs from a generator body must see the generator's own blocks.
+    handoffs = 3 if w.gen is not None else 1
+    kinds += ["call"] * 3 + ["ctx_thread"] * handoffs + ["late"]
     if w.depth <= 1:
         kinds.append("submit")
     if f.generators and w.gen is None and not w.consumer:
         kinds += ["use_gen"] * 2
     if w.aio:
-        kinds += ["to_thread", "await_task"]
+        kinds += ["to_thread", "await_task"] * handoffs
         if f.gather and w.gather_ok and w.gen is None and w.depth <= 2:
             kinds += ["gather"] * (4 * bound)  # children that meet on their parent's connection
     return kinds
@@ -344,7 +346,9 @@ def programs(draw: Any, features: Features) -> Program:
         )
         if on
     ]
-    if featured:  # every program of a variant has its variant's construct, in a block
+    # Most programs of a variant hold that variant's construct, in a block (a draw that
+    # shrinks to "no", so that shrunk programs keep it only when it matters).
+    if featured and draw(st.integers(0, 3)):
         key = draw(st.sampled_from(KEYS))
         inner = Where(features, aio, depth=1, bound=frozenset([key]))
         node = _build(draw, inner, draw(st.sampled_from(featured)))
