@@ -11,6 +11,10 @@ exception came from) and the committed rows; the interpreter (tests/scope_runner
 runs the program against pgctx and PostgreSQL; both must agree, and afterwards every
 connection is back in the pool and none is idle in a transaction.
 
+Variants: ``core`` (no generators, gather or InterfaceError), one per feature, ``all``,
+and ``all-low-gc`` (``gc.set_threshold(50)``, abandoned generators left in reference
+cycles). Run longer with ``PGCTX_MODEL_EXAMPLES=5000`` (programs per variant).
+
 Cases the documented rules leave open are not generated (or the model refuses them):
 
 - a yield inside a savepoint (the consumer's work would land inside it);
@@ -27,7 +31,25 @@ Cases the documented rules leave open are not generated (or the model refuses th
 - a late task whose innermost binding ended but an outer one, shadowed in its copied
   context, is still open (does it fall back to the outer one?).
 
-Run longer with PGCTX_MODEL_EXAMPLES=5000 (examples per variant).
+What the variants found in the code as it was when this test was written (shrunk; k is
+the connection key, "gen" a @with_connection generator, the consumer code after "|"):
+
+- gen(key='a'): with connection(None): yield; insert(None) -> NoActiveConnection after
+  the yield (the generator lost its own block);
+- gen: with connection(None, separate=True): yield; current(None) -> the generator's
+  outer connection, not the separate one;
+- gen: yield; with connection(None) | with connection(None): next -> the generator's
+  block joins a block its consumer opened after the first step;
+- gen: with connection('a'): copy_context thread: insert('a') -> NoActiveConnection
+  (a hand-off from a generator body does not see the generator's blocks);
+- with connection(None): to_thread: gen: yield | copy_context thread: insert(None) ->
+  ConcurrentUseError for a hand-off of the thread whose generator joined the block;
+- async: with connection(None): gather(task: insert(None), task: insert(None)) -> no
+  ConcurrentUseError for the second child, and both rows committed;
+- with connection(None): try: with savepoint(None): insert(None); InterfaceError without
+  SQLSTATE -> the savepoint is not rolled back: the row is committed;
+- test_generators_collected_inside_a_block_entry: a deadlock (3.12, 3.13) or a crash
+  (3.11) when the collector finalises an abandoned generator inside a block entry.
 """
 
 from __future__ import annotations
@@ -217,7 +239,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(max(600, 2 * EXAMPLES))
 @pytest.mark.parametrize(("features", "gc_mode"), VARIANTS)
 def test_programs_match_the_model(world: World, features: Features, gc_mode: bool) -> None:
     @settings(
