@@ -240,7 +240,10 @@ def _build(draw: Any, w: Where, kind: str) -> Node:
     if kind == "guard":  # the documented idiom: try: with savepoint(): ...; risky()
         key = _used_key(draw, w)
         body = [Node("insert", key=key), *_body(draw, replace(w.inner(), gen=None).binding(key))]
-        body.append(Node(_risky(draw, w), key=key))
+        risky = Node(_risky(draw, w), key=key)
+        if draw(st.integers(0, 2)) == 2:  # swallowed inside: the savepoint must not release
+            risky = Node("try", body=[risky])
+        body.append(risky)
         return Node("try", body=[Node("savepoint", key=key, body=body)])
     if kind == "call":
         key, separate = _key(draw, w)
