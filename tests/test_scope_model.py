@@ -196,21 +196,12 @@ def run_one(world: World, program: Program, gc_mode: bool) -> None:
         )
 
 
-# Defects of today's code that the variants find (each variant is a strict=False xfail
-# until its fixes land; the shrunk programs are in the module docstring).
+# What the variants still find (strict=False xfails until it is fixed; see the report
+# in the module docstring for the shrunk program).
 GENERATOR_DEFECT = (
-    "decorated generators lose their own blocks after a yield, see the consumer's later "
-    "blocks, and hide their blocks from threads and tasks they hand off to"
-)
-GATHER_DEFECT = (
-    "concurrent gather children are not refused on current_connection(), and a child's "
-    "hold ends with its block instead of when the child is done"
-)
-SAVEPOINT_DEFECT = "a savepoint left by an InterfaceError without SQLSTATE is not rolled back"
-FINALISER_DEFECT = (
-    "an abandoned decorated generator collected while a hand-off's block entry holds the "
-    "binding lock waits for that lock forever (3.12+), or crashes the interpreter by "
-    "setting the interrupted code's context variable (3.10/3.11, CPython's HAMT bug)"
+    "a thread started with copy_context().run from a decorated generator's body after a "
+    "yield, inside a separate=True block the body still holds, does not write into that "
+    "block's transaction (the row the model expects committed is missing)"
 )
 EVERYTHING = Features(generators=True, drops=True, gather=True, iface=True)
 
@@ -222,19 +213,19 @@ def _known(*defects: str) -> Any:
 VARIANTS = [
     pytest.param(Features(), False, id="core"),
     pytest.param(Features(generators=True), False, id="generators", marks=_known(GENERATOR_DEFECT)),
-    pytest.param(Features(gather=True), False, id="gather", marks=_known(GATHER_DEFECT)),
-    pytest.param(Features(iface=True), False, id="interface-error", marks=_known(SAVEPOINT_DEFECT)),
+    pytest.param(Features(gather=True), False, id="gather"),
+    pytest.param(Features(iface=True), False, id="interface-error"),
     pytest.param(
         EVERYTHING,
         False,
         id="all",
-        marks=_known(GENERATOR_DEFECT, GATHER_DEFECT, SAVEPOINT_DEFECT),
+        marks=_known(GENERATOR_DEFECT),
     ),
     pytest.param(
         EVERYTHING,
         True,  # gc.set_threshold(50), abandoned generators left in reference cycles
         id="all-low-gc",
-        marks=_known(GENERATOR_DEFECT, GATHER_DEFECT, SAVEPOINT_DEFECT),
+        marks=_known(GENERATOR_DEFECT),
     ),
 ]
 
@@ -261,7 +252,6 @@ def test_programs_match_the_model(world: World, features: Features, gc_mode: boo
     check()
 
 
-@pytest.mark.xfail(strict=False, reason=FINALISER_DEFECT)
 def test_generators_collected_inside_a_block_entry(dsn: str) -> None:
     """The low-GC variant's case made deterministic: the collector frees an abandoned
     decorated generator exactly inside a hand-off's block entry (tests/scope_gc_probe.py,
