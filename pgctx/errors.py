@@ -8,6 +8,8 @@ error subclasses it; scope errors subclass ``PgctxError``; warnings subclass
 
 from __future__ import annotations
 
+import contextlib
+
 from pgctx._driver import psycopg2_pool
 
 PoolError = psycopg2_pool.PoolError
@@ -61,6 +63,20 @@ class JoinedCommitWarning(UserWarning):
     it, not at the end of the enclosing block. Seen in code rewritten from
     getconn/commit/putconn to blocks that kept its own ``conn.commit()``.
     """
+
+
+def note_on(exc: BaseException, text: str) -> None:
+    """Attach ``text`` to ``exc`` as a note, without replacing the exception.
+
+    Python 3.11+ prints notes with the traceback; on 3.10 the note is only kept in
+    ``exc.__notes__``, where 3.11's ``add_note`` would put it.
+    """
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(text)
+        return
+    with contextlib.suppress(AttributeError, TypeError):  # exceptions without a __dict__
+        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
 
 
 __all__ = [

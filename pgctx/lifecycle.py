@@ -8,7 +8,6 @@ path pays nothing for them.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgctx._driver import psycopg2
+from pgctx.errors import note_on
 from pgctx.health import is_broken
 from pgctx.waiting import Connection, validate_timeout
 from pgctx.watchdog import WATCHDOG
@@ -83,12 +83,7 @@ def _blame_hook(exc: BaseException, name: str, outcome: str) -> None:
         f"(a connection fails its {name} when the callable raises a psycopg2.Error); "
         f"{outcome}"
     )
-    add_note = getattr(exc, "add_note", None)
-    if add_note is not None:
-        add_note(text)
-        return
-    with contextlib.suppress(AttributeError, TypeError):  # exceptions without a __dict__
-        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
+    note_on(exc, text)
 
 
 def _is_connection_failure(conn: Connection) -> bool:

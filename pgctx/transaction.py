@@ -7,7 +7,6 @@ away first and then raise it, or attach it to the body's own exception.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
@@ -15,7 +14,7 @@ from types import FrameType
 from typing import Any
 
 from pgctx._driver import extensions
-from pgctx.errors import JoinedCommitWarning, TransactionAborted
+from pgctx.errors import JoinedCommitWarning, TransactionAborted, note_on
 from pgctx.health import is_broken
 
 __all__ = [
@@ -41,12 +40,7 @@ def add_note(exc: BaseException, problem: BaseException) -> None:
         f"pgctx: putting the connection away after this error also failed with "
         f"{type(problem).__name__}: {problem}".rstrip()
     )
-    note = getattr(exc, "add_note", None)
-    if note is not None:
-        note(text)
-        return
-    with contextlib.suppress(AttributeError, TypeError):  # exceptions without a __dict__
-        setattr(exc, "__notes__", [*getattr(exc, "__notes__", []), text])  # noqa: B010
+    note_on(exc, text)
 
 
 def rollback(conn: Any) -> None:
